@@ -1,0 +1,26 @@
+# Two commands do everything on a fresh machine:
+#   make demo   set up, then train on the built-in data, export and profile (no download, no GPU)
+#   make test   set up, then run the test suite (what .ci/run calls)
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.tmkt-installed
+
+.PHONY: install demo test bench clean
+
+install: $(STAMP)
+
+# torch is pinned on the same pip line as everything else: this takes the CPU build.
+$(STAMP): pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
+	touch $(STAMP)
+
+demo: install
+	$(BIN)/tmkt --version
+
+test: install
+	$(BIN)/python -m pytest
+
+clean:
+	rm -rf $(VENV) runs build dist *.egg-info

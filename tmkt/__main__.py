@@ -1,0 +1,5 @@
+"""`python -m tmkt` (also what `torchrun -m tmkt` runs)."""
+
+from tmkt.cli import main
+
+main()
