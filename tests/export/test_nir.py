@@ -1,0 +1,88 @@
+"""NIR export: written, read back by nir itself, and equal to the deploy graph spike for spike."""
+
+import json
+
+import h5py
+import nir
+import numpy as np
+import pytest
+import torch
+
+from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, Flatten, GraphError, Input, lower, run_graph
+from tmkt.export.nir import export_nir, graph_to_nir, read_nir
+from tmkt.models import ModelConfig, NeuronConfig, build_model
+
+
+def _random_bn(model):
+    g = torch.Generator().manual_seed(1)
+    for m in model.modules():
+        if isinstance(m, torch.nn.BatchNorm2d):
+            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
+            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
+            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.5)
+    return model.eval()
+
+
+@pytest.mark.parametrize("backbone,size", [("small", (16, 16)), ("resnet18", (16, 16))])
+def test_nir_round_trip_equals_deploy_graph(tmp_path, backbone, size):
+    torch.manual_seed(0)
+    model = _random_bn(build_model(ModelConfig(backbone=backbone, input_size=size, width=0.25,
+                                               neuron=NeuronConfig(tau=3.0, v_threshold=0.5))))
+    g = lower(model, {"timesteps": 5, "class_names": [str(i) for i in range(10)]})
+    report = export_nir(g, tmp_path / "m.nir")
+    assert report["spikes_identical"] and report["max_abs_logit_diff"] <= 1e-6
+    # nir itself reads the file, with one node per deploy node (Add folded into edges) plus Output
+    ng = nir.read(str(tmp_path / "m.nir"), type_check=False)
+    n_add = sum(isinstance(n, Add) for n in g.nodes.values())
+    assert len(ng.nodes) == len(g.nodes) - n_add + 1
+    assert json.loads(ng.metadata["tmkt"])["meta"]["timesteps"] == 5
+    lif = next(n for n in ng.nodes.values() if isinstance(n, nir.LIF))
+    # forward Euler with dt = 1: v += (1/tau_nir) * (-v + r I)  ==  v - v/tau + I
+    assert np.allclose(lif.tau, 3.0) and np.allclose(lif.r, 3.0) and np.allclose(lif.v_threshold, 0.5)
+    back = read_nir(tmp_path / "m.nir")
+    x = (torch.rand(5, 3, *g.input_shape) < 0.4).float()
+    a, b = run_graph(g, x), run_graph(back, x)
+    assert torch.equal(a["step_logits"], b["step_logits"])
+    assert list(a["spikes"]) == list(b["spikes"])
+
+
+def test_hand_graph_weights_survive(tmp_path):
+    rng = np.random.default_rng(0)
+    g = DeployGraph(
+        {
+            "input": Input((2, 6, 6)),
+            "conv": Conv2d(rng.normal(size=(4, 1, 3, 3)), rng.normal(size=4), stride=2, padding=1, dilation=1, groups=2),
+            "lif": LIF(2.0, 0.3),
+            "pool": AvgPool2d(3, 3),
+            "flat": Flatten(),
+            "head": Dense(rng.normal(size=(3, 4)), rng.normal(size=3)),
+        },
+        {"input": (), "conv": ("input",), "lif": ("conv",), "pool": ("lif",), "flat": ("pool",), "head": ("flat",)},
+        output="head",
+    )
+    export_nir(g, tmp_path / "h.nir")
+    back = read_nir(tmp_path / "h.nir")
+    np.testing.assert_array_equal(back.nodes["conv"].weight, g.nodes["conv"].weight)
+    assert back.nodes["conv"].groups == 2 and back.nodes["conv"].stride == (2, 2)
+    assert back.nodes["pool"].kernel_size == (3, 3)
+    with h5py.File(tmp_path / "h.nir") as f:
+        assert "version" in f
+
+
+def test_foreign_file_is_a_named_error(tmp_path):
+    bad = tmp_path / "bad.nir"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(GraphError, match="bad.nir"):
+        read_nir(bad)
+
+
+def test_non_tmkt_neuron_is_rejected():
+    ng = nir.NIRGraph(
+        nodes={"input": nir.Input(input_type={"input": np.array([3, 1, 1])}),
+               "lif": nir.LIF(tau=np.full((3, 1, 1), 2.0), r=np.full((3, 1, 1), 1.0), v_leak=np.zeros((3, 1, 1)), v_threshold=np.ones((3, 1, 1))),
+               "output": nir.Output(output_type={"output": np.array([3, 1, 1])})},
+        edges=[("input", "lif"), ("lif", "output")], type_check=False)
+    from tmkt.export.nir import nir_to_graph
+    with pytest.raises(GraphError, match="lif"):
+        nir_to_graph(ng)
