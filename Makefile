@@ -6,7 +6,9 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.tmkt-installed
 
-.PHONY: install demo test bench clean
+LAVA_ENV ?= $(HOME)/.cache/tmkt/lava-env
+
+.PHONY: install lava-env demo test bench clean
 
 install: $(STAMP)
 
@@ -19,7 +21,11 @@ $(STAMP): pyproject.toml
 demo: install
 	$(BIN)/tmkt --version
 
-test: install
+# The Python 3.10 lava-dl environment that checks netx exports (light: no torch; cached).
+lava-env:
+	bash scripts/lava_env.sh $(LAVA_ENV)
+
+test: install lava-env
 	$(BIN)/python -m pytest
 
 clean:

@@ -232,24 +232,39 @@ def infer_shapes(g: DeployGraph) -> dict[str, tuple[int, ...]]:
 # ---------------------------------------------------------------- step functions (pure torch)
 
 
+def lif_charge(i: torch.Tensor, v: torch.Tensor, node: LIF) -> torch.Tensor:
+    """Pre-reset membrane h = v - (v - v_reset)/tau + i (spikingjelly's LIFNode, decay_input=False)."""
+    return v - (v - node.v_reset) / node.tau + i
+
+
+def lif_fire(h: torch.Tensor, node: LIF) -> tuple[torch.Tensor, torch.Tensor]:
+    """Spikes where h >= v_th and the hard-reset membrane: returns (spikes, new membrane)."""
+    s = (h >= node.v_threshold).to(h.dtype)
+    return s, h * (1.0 - s) + node.v_reset * s
+
+
 def lif_step(i: torch.Tensor, v: torch.Tensor, node: LIF) -> tuple[torch.Tensor, torch.Tensor]:
     """One LIF step: returns (spikes, new membrane). Same arithmetic as spikingjelly's LIFNode."""
-    h = v - (v - node.v_reset) / node.tau + i
-    s = (h >= node.v_threshold).to(i.dtype)
-    v_new = h * (1.0 - s) + node.v_reset * s
-    return s, v_new
+    return lif_fire(lif_charge(i, v, node), node)
 
 
-def synapse_forward(node: Node, xs: list[torch.Tensor]) -> torch.Tensor:
-    """Stateless node applied to a batch `[B, ...]`."""
-    if isinstance(node, Conv2d):
-        w = torch.from_numpy(node.weight).to(xs[0].dtype)
-        b = torch.from_numpy(node.bias).to(xs[0].dtype)
+def synapse_forward(
+    node: Node, xs: list[torch.Tensor], params: tuple[torch.Tensor, torch.Tensor] | None = None
+) -> torch.Tensor:
+    """Stateless node applied to a batch `[B, ...]`.
+
+    `params` = (weight, bias) tensors to use instead of the node's numpy arrays (a module that
+    holds them once as buffers, so that traced/exported graphs share one copy across steps).
+    """
+    if isinstance(node, (Conv2d, Dense)):
+        if params is None:
+            w = torch.from_numpy(node.weight).to(xs[0].dtype)
+            b = torch.from_numpy(node.bias).to(xs[0].dtype)
+        else:
+            w, b = params
+        if isinstance(node, Dense):
+            return F.linear(xs[0], w, b)
         return F.conv2d(xs[0], w, b, node.stride, node.padding, node.dilation, node.groups)
-    if isinstance(node, Dense):
-        w = torch.from_numpy(node.weight).to(xs[0].dtype)
-        b = torch.from_numpy(node.bias).to(xs[0].dtype)
-        return F.linear(xs[0], w, b)
     if isinstance(node, AvgPool2d):
         return F.avg_pool2d(xs[0], node.kernel_size, node.stride, node.padding)
     if isinstance(node, Flatten):
@@ -268,9 +283,16 @@ def init_state(g: DeployGraph, batch: int, dtype: torch.dtype = torch.float32) -
 
 
 def step_graph(
-    g: DeployGraph, x: torch.Tensor, state: dict[str, torch.Tensor]
+    g: DeployGraph,
+    x: torch.Tensor,
+    state: dict[str, torch.Tensor],
+    params: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
 ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """One time step. `x` `[B, C, H, W]`; returns (every node's output, new state)."""
+    """One time step. `x` `[B, C, H, W]`; returns (every node's output, new state).
+
+    `params` optionally maps Conv2d/Dense node names to (weight, bias) tensors (see
+    `synapse_forward`).
+    """
     vals: dict[str, torch.Tensor] = {}
     new_state: dict[str, torch.Tensor] = {}
     for name, node in g.nodes.items():
@@ -280,7 +302,8 @@ def step_graph(
             s, v = lif_step(vals[g.inputs[name][0]], state[name], node)
             vals[name], new_state[name] = s, v
         else:
-            vals[name] = synapse_forward(node, [vals[i] for i in g.inputs[name]])
+            p = None if params is None else params.get(name)
+            vals[name] = synapse_forward(node, [vals[i] for i in g.inputs[name]], p)
     return vals, new_state
 
 

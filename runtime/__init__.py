@@ -1,1 +1,3 @@
 """runtime."""
+
+from tmkt.runtime.classifier import EventClassifier, Prediction  # noqa: F401

@@ -51,12 +51,12 @@ def test_wheel_contains_and_imports_mapped_packages(tmp_path):
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target), str(wheel)],
         check=True, capture_output=True,
     )
-    # -S: no site-packages, so the editable finder cannot answer; only the installed wheel can.
+    # The wheel's copy goes first on sys.path: the path finder answers before the editable finder.
     code = (
         f"import sys; sys.path.insert(0, {str(target)!r});"
         "import tmkt.export, tmkt.runtime, tmkt.hw_profiles, tmkt.commands;"
         "print(tmkt.export.__file__); print(tmkt.runtime.__file__); print(tmkt.hw_profiles.__file__)"
     )
-    out = subprocess.run([sys.executable, "-S", "-c", code], check=True, capture_output=True, text=True).stdout
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     for line in out.split():
         assert Path(line).resolve().is_relative_to(target.resolve())

@@ -41,8 +41,16 @@ def _root(
 
 # Command groups register themselves here, one line each.
 from tmkt.commands import data as _data  # noqa: E402
+from tmkt.commands import export as _export  # noqa: E402
+from tmkt.commands import infer as _infer  # noqa: E402
+from tmkt.commands import profile as _profile  # noqa: E402
+from tmkt.commands import train as _train  # noqa: E402
 
 _data.register(app)
+_train.register(app)
+_export.register(app)
+_infer.register(app)
+_profile.register(app)
 
 
 def main() -> None:

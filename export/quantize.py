@@ -1,0 +1,341 @@
+"""Deploy graph -> a chain of netx layers in 8-bit fixed point (lava-dl netx 0.6.0, Loihi CUBA).
+
+Two steps, each a plain function:
+
+1. `fold_for_netx(g)`: netx 0.6.0 builds only `input`, `conv`, `dense`, `flatten` layers, so
+   average pooling is folded *exactly* into the next synaptic layer (the graph puts pooling after
+   the LIF, so the pool sees binary spikes and every neuron layer still receives binary spikes):
+   - AvgPool2d(k, s, p) then Conv2d(K, S, P, D) == one Conv2d with stride s*S, padding s*P + p,
+     dilation 1 and a kernel of size s*D*(K-1) + k where tap `a` of the conv is spread over
+     `s*D*a + u` (u < k) and divided by k*k (count_include_pad). Exact as long as the pooled
+     map's zero padding covers only the input's zero padding (checked; else GraphError);
+   - AvgPool2d then Flatten then Dense == a Dense over the unpooled map (weight = adjoint of the
+     pooling applied to every row).
+   The result is a list of `FloatLayer`, each synapse + neuron (or the readout head).
+2. `quantize_graph`: one scale per layer, s = 254 / max|W| (so integer weights lie in
+   [-254, 254] within netx's [-256, 254]), lowered only where the bias round(b*s) would leave its
+   13 bits (netx writes bias_mant with bias_exp 6) or the worst-case input current of a neuron
+   the 24-bit current register (|a_in| << 6 < 2^23). Threshold -> vThMant = ceil(v_th*s) - 1
+   (Loihi spikes on v > vThMant << 6: for integer currents this is exactly v >= v_th*s), 17 bits.
+   A layer whose threshold overflows 17 bits, or whose bias forces its weights below 5 bits,
+   raises LavaExportError naming it.
+
+Neurons: our LIF (v = (1 - 1/tau) v + I, hard reset to 0) is a CUBA neuron with iDecay 4096
+(current = this step's input) and vDecay round(4096 / tau). The head has no LIF: it becomes a
+dense readout with iDecay 4096, vDecay 0 (a perfect integrator) and the largest threshold
+(2^17 - 1), whose accumulated input current over T steps is the (scaled) sum of the logits.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, Flatten, GraphError, Input
+
+TARGET = "lava (netx 0.6.0)"
+WEIGHT_MIN, WEIGHT_MAX = -256, 254  # netx clips mixed-sign dense weights outside this range
+BIAS_MAX = 2**12 - 1  # bias_mant: signed 13 bits
+VTH_MAX = 2**17 - 1  # vThMant: unsigned 17 bits
+CURRENT_MAX = 2**17 - 1  # |a_in| << 6 must stay below 2^23 (24-bit current register)
+DECAY_UNITY = 4096
+
+
+class LavaExportError(GraphError):
+    """A graph that cannot go to lava-dl netx 0.6.0; the message names the layer."""
+
+
+@dataclass(frozen=True)
+class CubaParams:
+    """netx `neuron/` group of a CUBA layer (integers as Loihi takes them)."""
+
+    i_decay: int = DECAY_UNITY
+    v_decay: int = 0
+    v_th_mant: int = 0
+    ref_delay: int = 1
+
+
+@dataclass(eq=False)
+class FloatLayer:
+    """One netx layer in float64 before quantization: synapse + LIF (or the readout head).
+
+    `kind` "conv": weight [O, I/groups, kh, kw] (PyTorch order, correlation); "dense": [O, I].
+    `in_shape`/`out_shape` exclude the batch: (C, H, W) or (N,). `flatten` marks a dense layer
+    fed by a (C, H, W) map, flattened in C, H, W order. `lif` is None for the readout head.
+    """
+
+    name: str
+    kind: str
+    weight: np.ndarray
+    bias: np.ndarray
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    lif: LIF | None
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    flatten: bool = False
+
+
+@dataclass(eq=False)
+class QLayer:
+    """A quantized netx layer: integer weight/bias (int32) plus CUBA parameters and its scale."""
+
+    name: str
+    kind: str
+    weight: np.ndarray
+    bias: np.ndarray
+    in_shape: tuple[int, ...]
+    out_shape: tuple[int, ...]
+    neuron: CubaParams
+    scale: float
+    readout: bool = False
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+    flatten: bool = False
+
+
+@dataclass(eq=False)
+class QuantizedNet:
+    """The netx network: input (C, H, W) binary spikes, then `layers` (the last one the readout)."""
+
+    input_shape: tuple[int, int, int]
+    layers: list[QLayer]
+    meta: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def depth(self) -> int:
+        """Pipeline delay of the readout in steps (one per synaptic layer)."""
+        return len(self.layers)
+
+
+# ---------------------------------------------------------------- pooling folds (exact, float64)
+
+
+def fold_pool_into_conv(pool: AvgPool2d, conv: Conv2d, in_shape: tuple[int, int, int], name: str) -> Conv2d:
+    """AvgPool2d then Conv2d as one Conv2d over the unpooled map `in_shape` (C, H, W).
+
+    Raises LavaExportError when the two are not exactly one convolution (the pooling drops
+    trailing rows/columns that the conv's zero padding would then see, or kernel > stride + pad).
+    """
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = pool.kernel_size, pool.stride, pool.padding
+    (kk_h, kk_w), (ss_h, ss_w), (pp_h, pp_w), (d_h, d_w) = conv.kernel_size, conv.stride, conv.padding, conv.dilation
+    _, h, w = in_shape
+    for axis, k, s, p, size in (("height", k_h, s_h, p_h, h), ("width", k_w, s_w, p_w, w)):
+        pooled = (size + 2 * p - k) // s + 1
+        # a pooled position just outside the map must read nothing but padding
+        if k > s + p or s * pooled - p < size:
+            raise LavaExportError(
+                f"layer {name!r}: average pooling (kernel {k}, stride {s}, padding {p}) over a {size}-wide "
+                f"{axis} cannot be folded exactly into the next convolution for {TARGET}"
+            )
+    w_src = conv.weight.astype(np.float64)
+    o, ig, _, _ = w_src.shape
+    kh_eff, kw_eff = s_h * d_h * (kk_h - 1) + k_h, s_w * d_w * (kk_w - 1) + k_w
+    folded = np.zeros((o, ig, kh_eff, kw_eff))
+    for a in range(kk_h):
+        for b in range(kk_w):
+            for u in range(k_h):
+                for v in range(k_w):
+                    folded[:, :, s_h * d_h * a + u, s_w * d_w * b + v] += w_src[:, :, a, b] / (k_h * k_w)
+    return Conv2d(
+        folded, conv.bias.astype(np.float64), (s_h * ss_h, s_w * ss_w), (s_h * pp_h + p_h, s_w * pp_w + p_w), (1, 1), conv.groups
+    )
+
+
+def fold_pool_into_dense(pool: AvgPool2d, dense: Dense, in_shape: tuple[int, int, int]) -> Dense:
+    """AvgPool2d then Flatten then Dense as one Dense over the flattened unpooled map (C*H*W)."""
+    import torch
+    import torch.nn.functional as F
+
+    c, h, w = in_shape
+    x = torch.zeros((dense.weight.shape[0], c, h, w), dtype=torch.float64, requires_grad=True)
+    pooled = F.avg_pool2d(x, pool.kernel_size, pool.stride, pool.padding)
+    rows = torch.from_numpy(dense.weight.astype(np.float64)).reshape(pooled.shape)
+    # pooling is linear: W_unpooled[o] = pool^T(W[o]), i.e. the vector-Jacobian product
+    (grad,) = torch.autograd.grad(pooled, x, grad_outputs=rows)
+    return Dense(grad.reshape(dense.weight.shape[0], -1).numpy(), dense.bias.astype(np.float64))
+
+
+# ---------------------------------------------------------------- graph -> chain of netx layers
+
+
+def _chain(g: DeployGraph) -> list[str]:
+    names = list(g.nodes)
+    for prev, name in zip(names, names[1:]):
+        node = g.nodes[name]
+        if isinstance(node, Add):
+            raise LavaExportError(
+                f"layer {name!r} (residual Add): {TARGET} has no residual layer type; "
+                "export a feed-forward backbone (small, vgg) or use ONNX / NIR"
+            )
+        if g.inputs[name] != (prev,):
+            raise LavaExportError(f"layer {name!r}: {TARGET} takes a plain chain of layers; it reads {g.inputs[name]}")
+    if g.output != names[-1]:
+        raise LavaExportError(f"graph output {g.output!r} is not its last layer")
+    return names
+
+
+def fold_for_netx(g: DeployGraph) -> list[FloatLayer]:
+    """Group the deploy graph into netx layers (pooling folded), float64; raises naming the layer."""
+    names = _chain(g)
+    layers: list[FloatLayer] = []
+    pending: list[tuple[str, AvgPool2d | Flatten]] = []  # pool/flatten after a spike source
+    src_shape: tuple[int, ...] = g.input_shape  # shape of the last spike source (input or LIF)
+    syn: tuple[str, Conv2d | Dense, tuple[int, ...], bool] | None = None  # synapse awaiting its LIF
+
+    for name in names[1:]:
+        node = g.nodes[name]
+        if isinstance(node, (AvgPool2d, Flatten)):
+            if syn is not None:
+                raise LavaExportError(
+                    f"layer {name!r} ({type(node).__name__}) between {syn[0]!r} and its neuron: "
+                    f"a neuron layer on {TARGET} must receive a synapse's current directly"
+                )
+            pending.append((name, node))
+            continue
+        if isinstance(node, (Conv2d, Dense)):
+            if syn is not None:
+                raise LavaExportError(
+                    f"layer {name!r} reads the current of {syn[0]!r} (no neuron between): "
+                    f"the input of every synaptic layer on {TARGET} must be binary spikes"
+                )
+            cur, flatten = node, False
+            kinds = [type(op).__name__ for _, op in pending]
+            allowed = [[], ["AvgPool2d"]] if isinstance(node, Conv2d) else [[], ["Flatten"], ["AvgPool2d", "Flatten"]]
+            if kinds not in allowed:
+                raise LavaExportError(
+                    f"layer {pending[0][0]!r}: {' -> '.join(kinds)} before {name!r} cannot be folded for {TARGET} "
+                    "(supported: AvgPool2d -> Conv2d, [AvgPool2d ->] Flatten -> Dense)"
+                )
+            if kinds and kinds[0] == "AvgPool2d":
+                pname, pool = pending[0]
+                if isinstance(node, Conv2d):
+                    cur = fold_pool_into_conv(pool, node, src_shape, pname)  # type: ignore[arg-type]
+                else:
+                    cur = fold_pool_into_dense(pool, node, src_shape)  # type: ignore[arg-type]
+            flatten = bool(kinds) and kinds[-1] == "Flatten"
+            shape = src_shape
+            if isinstance(cur, Dense) and len(shape) == 3 and not flatten:
+                raise LavaExportError(f"layer {name!r}: Dense on a (C, H, W) map needs a Flatten first")
+            if isinstance(cur, Conv2d) and len(shape) != 3:
+                raise LavaExportError(f"layer {name!r}: Conv2d needs a (C, H, W) input, got {shape}")
+            pending = []
+            syn = (name, cur, shape, flatten)
+            if name == g.output:
+                layers.append(_float_layer(name, cur, shape, None, flatten))
+                syn = None
+            continue
+        if isinstance(node, LIF):
+            if syn is None:
+                raise LavaExportError(
+                    f"layer {name!r} (LIF) is not fed by a Conv2d or Dense (non-binary input to a neuron layer); "
+                    f"{TARGET} cannot take it"
+                )
+            if node.v_reset != 0.0:
+                raise LavaExportError(f"layer {name!r}: v_reset={node.v_reset} but Loihi CUBA neurons reset to 0")
+            sname, cur, shape, flatten = syn
+            layers.append(_float_layer(f"{sname}+{name}", cur, shape, node, flatten))
+            src_shape, syn = g.shapes[name], None
+            continue
+        raise LavaExportError(f"layer {name!r}: {type(node).__name__} is not supported on {TARGET}")
+    if syn is not None or pending:
+        raise LavaExportError(f"the graph ends without a readout: {TARGET} export needs a Dense head as last layer")
+    if not layers or layers[-1].lif is not None or layers[-1].kind != "dense":
+        raise LavaExportError(f"graph output {g.output!r} must be a Dense head for {TARGET}")
+    return layers
+
+
+def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+    return (size + 2 * p - d * (k - 1) - 1) // s + 1
+
+
+def _float_layer(name: str, syn: Conv2d | Dense, in_shape: tuple[int, ...], lif: LIF | None, flatten: bool) -> FloatLayer:
+    w, b = syn.weight.astype(np.float64), syn.bias.astype(np.float64)
+    if isinstance(syn, Conv2d):
+        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = syn.kernel_size, syn.stride, syn.padding, syn.dilation
+        out = (syn.out_channels, _conv_out(in_shape[1], kh, sh, ph, dh), _conv_out(in_shape[2], kw, sw, pw, dw))
+        return FloatLayer(name, "conv", w, b, tuple(in_shape), out, lif, syn.stride, syn.padding, syn.dilation, syn.groups)
+    return FloatLayer(name, "dense", w, b, tuple(in_shape), (w.shape[0],), lif, flatten=flatten)
+
+
+# ---------------------------------------------------------------- quantization
+
+
+def _worst_current(weight: np.ndarray, bias: np.ndarray) -> float:
+    """Largest |input current| any binary input can give one neuron (per output, both signs)."""
+    w = weight.reshape(weight.shape[0], -1)
+    pos = np.clip(w, 0, None).sum(1) + np.clip(bias, 0, None)
+    neg = np.clip(-w, 0, None).sum(1) + np.clip(-bias, 0, None)
+    return float(max(pos.max(), neg.max()))
+
+
+def layer_scale(layer: FloatLayer) -> float:
+    """Weight scale of one layer: the full 8-bit range, narrowed only where the bias would leave
+    its 13 bits or the worst-case input current of a neuron its 24-bit register (|a_in| < 2^17)."""
+    wmax = float(np.abs(layer.weight).max())
+    if wmax == 0.0:
+        raise LavaExportError(f"layer {layer.name!r}: all weights are zero; netx cannot map an empty synapse")
+    scale = WEIGHT_MAX / wmax
+    bmax = float(np.abs(layer.bias).max(initial=0.0))
+    if bmax * scale > BIAS_MAX:
+        scale = BIAS_MAX / bmax * (1 - 1e-9)
+    worst = _worst_current(layer.weight, np.zeros_like(layer.bias)) * scale
+    if worst > CURRENT_MAX:
+        scale *= CURRENT_MAX / worst * (1 - 1e-9)
+    return scale
+
+
+MIN_WEIGHT_BITS = 5  # below this many magnitude bits the layer is refused rather than silently degraded
+
+
+def quantize_layer(layer: FloatLayer) -> QLayer:
+    """Integer weights/bias and CUBA parameters of one layer; raises naming it on overflow."""
+    scale = layer_scale(layer)
+    w = np.rint(layer.weight * scale).astype(np.int64)
+    while _worst_current(w.astype(np.float64), np.zeros(w.shape[0])) > CURRENT_MAX:  # rounding pushed it over
+        scale *= 0.999
+        w = np.rint(layer.weight * scale).astype(np.int64)
+    b = np.rint(layer.bias * scale).astype(np.int64)
+    if not w.any():
+        raise LavaExportError(f"layer {layer.name!r}: weights round to zero at 8 bits")
+    if w.min() < WEIGHT_MIN or w.max() > WEIGHT_MAX:
+        raise LavaExportError(f"layer {layer.name!r}: weights overflow 8 bits ({w.min()}..{w.max()})")
+    if np.abs(b).max(initial=0) > BIAS_MAX:
+        raise LavaExportError(f"layer {layer.name!r}: bias overflows 13 bits ({np.abs(b).max()} > {BIAS_MAX})")
+    if np.abs(w).max() < 2 ** (MIN_WEIGHT_BITS - 1):
+        raise LavaExportError(
+            f"layer {layer.name!r}: bias overflows 13 bits unless the weights keep fewer than {MIN_WEIGHT_BITS} bits "
+            f"(max |weight| {np.abs(w).max()} at scale {scale:.4g}); the bias is too large relative to the weights"
+        )
+    if layer.lif is None:  # readout: perfect integrator that never spikes below 2^17 - 1
+        neuron = CubaParams(DECAY_UNITY, 0, VTH_MAX)
+    else:
+        if layer.lif.v_threshold <= 0:
+            raise LavaExportError(f"layer {layer.name!r}: v_threshold must be > 0, got {layer.lif.v_threshold}")
+        v_th = math.ceil(layer.lif.v_threshold * scale - 1e-9) - 1
+        if v_th > VTH_MAX:
+            raise LavaExportError(
+                f"layer {layer.name!r}: scaled threshold {v_th} overflows vThMant (17 bits, max {VTH_MAX}); "
+                "the weights are too small relative to v_threshold"
+            )
+        v_decay = int(round(DECAY_UNITY / layer.lif.tau))
+        neuron = CubaParams(DECAY_UNITY, v_decay, max(v_th, 0))
+    return QLayer(
+        layer.name, layer.kind, w.astype(np.int32), b.astype(np.int32), layer.in_shape, layer.out_shape, neuron,
+        float(scale), layer.lif is None, layer.stride, layer.padding, layer.dilation, layer.groups, layer.flatten,
+    )
+
+
+def quantize_graph(g: DeployGraph) -> QuantizedNet:
+    """Deploy graph -> QuantizedNet (pooling folded, 8-bit weights, CUBA neurons)."""
+    if not isinstance(g.nodes[g.input_name], Input) or len(g.input_shape) != 3:
+        raise LavaExportError(f"the input must be a (C, H, W) map for {TARGET}, got {g.input_shape}")
+    layers = [quantize_layer(layer) for layer in fold_for_netx(g)]
+    return QuantizedNet(tuple(g.input_shape), layers, dict(g.meta))  # type: ignore[arg-type]

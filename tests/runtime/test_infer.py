@@ -1,0 +1,206 @@
+"""`tmkt infer` and EventClassifier give the PyTorch prediction on event files written here."""
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from tmkt.checkpoint import load_run, save_run
+from tmkt.cli import app
+from tmkt.data.events import EVENT_DTYPE, write_events
+from tmkt.data.spec import DataSpec, frames_from_events
+from tmkt.export.graph import init_state, lower_run, step_graph
+from tmkt.export.metadata import MetadataError
+from tmkt.export.onnx import export_onnx
+from tmkt.models import ModelConfig, build_model
+from tmkt.runtime import EventClassifier
+from tmkt.runtime.classifier import InferenceError, softmax, split_windows
+
+CLASSES = ["cat", "dog", "emu"]
+SENSOR = (34, 34, 2)
+SIZE = (16, 16)
+T = 4
+
+
+def make_run(path):
+    torch.manual_seed(3)
+    model = build_model(ModelConfig(backbone="small", num_classes=len(CLASSES), input_size=SIZE, width=0.5))
+    g = torch.Generator().manual_seed(3)
+    for m in model.modules():  # random BN statistics, biased so that neurons spike
+        if isinstance(m, torch.nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
+            m.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3 + 0.2)
+    data = {
+        "name": "toy",
+        "class_names": CLASSES,
+        "sensor_size": list(SENSOR),
+        "input_size": list(SIZE),
+        "timesteps": T,
+        "binning": {"by": "time", "binary": False, "shift_to_origin": False},
+    }
+    return save_run(path, model, {"data": data, "method": {"name": "event-only"}, "train": {}, "metrics": {}})
+
+
+def random_events(seed, n=4000, duration_us=200_000):
+    rng = np.random.default_rng(seed)
+    ev = np.zeros(n, EVENT_DTYPE)
+    ev["x"] = rng.integers(0, SENSOR[0], n)
+    ev["y"] = rng.integers(0, SENSOR[1], n)
+    ev["t"] = np.sort(rng.integers(0, duration_us, n))
+    ev["p"] = rng.integers(0, 2, n)
+    return ev
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory):
+    root = tmp_path_factory.mktemp("infer")
+    run = load_run(make_run(root / "run"))
+    graph = lower_run(run)
+    return {
+        "run": run,
+        "graph": graph,
+        "unrolled": export_onnx(graph, root / "u.onnx", mode="unrolled", verify=False),
+        "stream": export_onnx(graph, root / "s.onnx", mode="stream", verify=False),
+        "spec": DataSpec.from_dict(run.data),
+    }
+
+
+def torch_probs(run, spec, events):
+    """Softmax of the spikingjelly model's mean logits on the binned recording."""
+    frames = torch.from_numpy(frames_from_events(events, spec))[:, None]
+    with torch.no_grad():
+        return softmax(run.model(frames)["logits"].mean(0)[0].double().numpy())
+
+
+@pytest.mark.parametrize("mode", ["unrolled", "stream"])
+def test_cli_infer_matches_pytorch(models, tmp_path, mode):
+    files = []
+    for k, suffix in enumerate([".npz", ".bin", ".h5"]):
+        ev = random_events(k)
+        write_events(tmp_path / f"rec{k}{suffix}", ev, SENSOR)
+        files.append((tmp_path / f"rec{k}{suffix}", ev))
+    res = CliRunner().invoke(app, ["infer", str(models[mode]), *[str(f) for f, _ in files], "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert doc["provider"] in ("CPUExecutionProvider", "CUDAExecutionProvider") and doc["mode"] == mode
+    preds = doc["predictions"]
+    assert [p["file"] for p in preds] == [str(f) for f, _ in files]
+    for p, (_, ev) in zip(preds, files):
+        want = torch_probs(models["run"], models["spec"], ev)
+        assert p["index"] == int(np.argmax(want)) and p["label"] == CLASSES[p["index"]]
+        np.testing.assert_allclose(p["probabilities"], want, atol=1e-5)
+        assert p["score"] == pytest.approx(want.max(), abs=1e-5) and p["latency_ms"] > 0
+        assert p["events"] == len(ev)
+    # a folder expands to its event files, and the table output names the provider
+    res = CliRunner().invoke(app, ["infer", str(models[mode]), str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert "ExecutionProvider" in res.output and all(f.name in res.output for f, _ in files)
+
+
+def _windows_reference(models, ev, window_us, carry):
+    """Per-window probabilities from the torch deploy graph, membranes carried or reset."""
+    graph, spec = models["graph"], models["spec"]
+    state = init_state(graph, 1)
+    out = []
+    for w in split_windows(ev, window_us):
+        if not carry:
+            state = init_state(graph, 1)
+        frames = torch.from_numpy(frames_from_events(w, spec))
+        steps = []
+        for f in frames:
+            vals, state = step_graph(graph, f[None], state)
+            steps.append(vals[graph.output][0])
+        out.append(softmax(torch.stack(steps).mean(0).double().numpy()))
+    return out
+
+
+@pytest.mark.parametrize("state", ["carry", "reset"])
+def test_cli_infer_windows(models, tmp_path, state):
+    ev = random_events(7, n=6000, duration_us=250_000)
+    write_events(tmp_path / "long.npz", ev, SENSOR)
+    res = CliRunner().invoke(
+        app, ["infer", str(models["stream"]), str(tmp_path / "long.npz"), "--window-ms", "100", "--state", state, "--json"]
+    )
+    assert res.exit_code == 0, res.output
+    preds = json.loads(res.output)["predictions"]
+    want = _windows_reference(models, ev, 100_000, carry=state == "carry")
+    assert len(preds) == len(want) == 3
+    assert sum(p["events"] for p in preds) == len(ev)
+    for p, w in zip(preds, want):
+        np.testing.assert_allclose(p["probabilities"], w, atol=1e-5)
+    if state == "reset":  # a window on its own is a sample: the unrolled model agrees
+        res = CliRunner().invoke(app, ["infer", str(models["unrolled"]), str(tmp_path / "long.npz"), "--window-ms", "100", "--json"])
+        assert res.exit_code == 0, res.output
+        for p, q in zip(json.loads(res.output)["predictions"], preds):
+            np.testing.assert_allclose(p["probabilities"], q["probabilities"], atol=1e-5)
+
+
+def test_classifier_api(models):
+    ev = random_events(11)
+    for mode in ("unrolled", "stream"):
+        clf = EventClassifier(models[mode], provider="cpu")
+        p = clf.predict(ev)
+        want = torch_probs(models["run"], models["spec"], ev)
+        assert p.index == int(np.argmax(want)) and p.label == CLASSES[p.index]
+        np.testing.assert_allclose(p.probabilities, want, atol=1e-5)
+        assert p.t_range_us == (int(ev["t"][0]), int(ev["t"][-1])) and p.latency_ms > 0
+    clf = EventClassifier(models["stream"])
+    chunks = split_windows(ev, 50_000)
+    carried = [p.probabilities for p in clf.stream(chunks)]
+    for got, want in zip(carried, _windows_reference(models, ev, 50_000, carry=True)):
+        np.testing.assert_allclose(got, want, atol=1e-5)
+    single = [clf.predict(c).probabilities for c in chunks]
+    for got, want in zip(clf.stream(chunks, carry_state=False), single):
+        np.testing.assert_allclose(got.probabilities, want, atol=1e-6)
+    assert not np.allclose(carried[1], single[1])  # carrying state does change later windows
+    with pytest.raises(InferenceError, match="stream-mode"):
+        list(EventClassifier(models["unrolled"]).stream(chunks))
+
+
+def test_split_windows():
+    ev = np.zeros(5, EVENT_DTYPE)
+    ev["t"] = [100, 150, 399, 400, 1000]
+    parts = split_windows(ev, 300)
+    assert [list(p["t"]) for p in parts] == [[100, 150, 399], [400], [], [1000]]
+    assert split_windows(ev[:0], 300) == []
+
+
+def test_cli_infer_errors(models, tmp_path):
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, x=np.arange(3), y=np.arange(3))  # no t, no p
+    res = CliRunner().invoke(app, ["infer", str(models["unrolled"]), str(bad)])
+    assert res.exit_code == 1 and "bad.npz" in res.output and "error" in res.output
+    garbage = tmp_path / "junk.bin"
+    garbage.write_bytes(b"\x01\x02\x03")  # truncated ATIS record
+    res = CliRunner().invoke(app, ["infer", str(models["unrolled"]), str(garbage), "--json"])
+    assert res.exit_code == 1 and "junk.bin" in res.output
+
+    plain = tmp_path / "plain.onnx"  # a valid ONNX model without tmkt metadata
+    h = onnx.helper
+    node = h.make_node("Relu", ["x"], ["y"])
+    g = h.make_graph([node], "g", [h.make_tensor_value_info("x", 1, [1, 3])], [h.make_tensor_value_info("y", 1, [1, 3])])
+    onnx.save(h.make_model(g), str(plain))
+    onnx.checker.check_model(str(plain))
+    res = CliRunner().invoke(app, ["infer", str(plain), str(bad)])
+    assert res.exit_code == 1 and "no tmkt metadata" in res.output
+    with pytest.raises(MetadataError, match="no tmkt metadata"):
+        EventClassifier(plain)
+    res = CliRunner().invoke(app, ["infer", str(tmp_path / "none.onnx"), str(bad)])
+    assert res.exit_code == 1 and "no such model" in res.output
+
+
+def test_cli_infer_provider(models, tmp_path):
+    write_events(tmp_path / "a.npz", random_events(1), SENSOR)
+    res = CliRunner().invoke(app, ["infer", str(models["stream"]), str(tmp_path / "a.npz"), "--provider", "cuda", "--json"])
+    if res.exit_code == 0:  # a machine with a working CUDA provider
+        assert json.loads(res.output)["provider"] == "CUDAExecutionProvider"
+    else:
+        assert res.exit_code == 1 and "CUDA" in res.output
+    res = CliRunner().invoke(app, ["infer", str(models["stream"]), str(tmp_path / "a.npz"), "--provider", "tpu"])
+    assert res.exit_code != 0 and "--provider" in res.output

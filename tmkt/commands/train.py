@@ -1,0 +1,242 @@
+"""`tmkt train` and `tmkt eval`: thin typed commands over `tmkt.train.trainer` and `tmkt.train.evaluate`."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+_SETTINGS = "Settings (override --config)"
+
+
+def _fail(message: str, code: int = 1) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+def _parse_input_size(text: Optional[str]) -> Optional[tuple[int, int]]:
+    if text is None:
+        return None
+    parts = text.lower().replace("x", ",").split(",")
+    try:
+        sides = [int(p) for p in parts if p.strip()]
+    except ValueError:
+        sides = []
+    if len(sides) == 1:
+        sides = sides * 2
+    if len(sides) != 2 or min(sides) < 1:
+        raise typer.BadParameter(f"expected H, HxW or H,W with positive integers, got {text!r}", param_hint="--input-size")
+    return (sides[0], sides[1])
+
+
+def _parse_options(items: Optional[list[str]]) -> Optional[dict]:
+    """`KEY=VALUE` pairs; values are read as YAML scalars (numbers, true/false, strings)."""
+    if not items:
+        return None
+    import yaml
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise typer.BadParameter(f"expected KEY=VALUE, got {item!r}", param_hint="--option")
+        out[key.strip()] = yaml.safe_load(value)
+    return out
+
+
+def train_command(
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML file of settings (keys as in TrainConfig)."),
+    resume: Optional[Path] = typer.Option(
+        None, "--resume", help="Continue the run in this directory exactly where it stopped (its own settings)."
+    ),
+    dataset: Optional[str] = typer.Option(
+        None, help="digits (built in) | ncaltech101 | cifar10dvs | nmnist | dvsgesture.", rich_help_panel=_SETTINGS
+    ),
+    data_root: Optional[str] = typer.Option(None, help="Folder of the event recordings.", rich_help_panel=_SETTINGS),
+    static_root: Optional[str] = typer.Option(None, help="Folder of the static images.", rich_help_panel=_SETTINGS),
+    event_fraction: Optional[float] = typer.Option(
+        None, help="Share of the event training set kept per class, in (0, 1].", rich_help_panel=_SETTINGS
+    ),
+    option: Optional[list[str]] = typer.Option(
+        None, "--option", "-o", help="Data set option KEY=VALUE (repeatable), e.g. -o noise_rate=2.", rich_help_panel=_SETTINGS
+    ),
+    cache_dir: Optional[str] = typer.Option(None, help="Frame cache folder (default ~/.cache/tmkt).", rich_help_panel=_SETTINGS),
+    timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="Frames per sample T.", rich_help_panel=_SETTINGS),
+    input_size: Optional[str] = typer.Option(None, help="Network input H or HxW, e.g. 48 or 48x48.", rich_help_panel=_SETTINGS),
+    backbone: Optional[str] = typer.Option(None, help="small | vgg | resnet18.", rich_help_panel=_SETTINGS),
+    width: Optional[float] = typer.Option(None, help="Channel width multiplier.", rich_help_panel=_SETTINGS),
+    tau: Optional[float] = typer.Option(None, help="LIF time constant.", rich_help_panel=_SETTINGS),
+    v_threshold: Optional[float] = typer.Option(None, help="LIF threshold.", rich_help_panel=_SETTINGS),
+    method: Optional[str] = typer.Option(None, help="tmkt | ekt | finetune | dvs.", rich_help_panel=_SETTINGS),
+    epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel=_SETTINGS),
+    batch_size: Optional[int] = typer.Option(None, help="Global batch size.", rich_help_panel=_SETTINGS),
+    lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per data set; paper: 5e-3*batch/1024).", rich_help_panel=_SETTINGS),
+    weight_decay: Optional[float] = typer.Option(None, help="AdamW weight decay.", rich_help_panel=_SETTINGS),
+    warmup_epochs: Optional[float] = typer.Option(None, help="Linear warm-up epochs.", rich_help_panel=_SETTINGS),
+    min_lr: Optional[float] = typer.Option(None, help="Final learning rate of the cosine.", rich_help_panel=_SETTINGS),
+    seed: Optional[int] = typer.Option(None, help="Seed of everything random.", rich_help_panel=_SETTINGS),
+    out: Optional[str] = typer.Option(None, help="Run directory (default runs/<timestamp>-<method>).", rich_help_panel=_SETTINGS),
+    device: Optional[str] = typer.Option(None, help="auto | cpu | cuda.", rich_help_panel=_SETTINGS),
+    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes.", rich_help_panel=_SETTINGS),
+    amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 autocast on CUDA.", rich_help_panel=_SETTINGS),
+    channels_last: Optional[bool] = typer.Option(
+        None, "--channels-last/--no-channels-last", help="Channels-last memory format on CUDA.", rich_help_panel=_SETTINGS
+    ),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile on CUDA.", rich_help_panel=_SETTINGS),
+    eval_every: Optional[int] = typer.Option(None, help="Validate every N epochs.", rich_help_panel=_SETTINGS),
+) -> None:
+    """Train a spiking network (TMKT by default; with no arguments: on the built-in digits set, a few minutes on a CPU).
+
+    Settings come from the defaults, the data set's preset, --config FILE.yaml and then the flags.
+    Ctrl-C saves the run (exit 130); continue it with --resume RUN_DIR. Under
+    `torchrun --nproc-per-node N -m tmkt train ...` it trains data-parallel.
+    """
+    from rich.console import Console
+
+    from tmkt.checkpoint import CheckpointError
+    from tmkt.train.config import ConfigError, build_config
+    from tmkt.train.trainer import TrainingError, TrainingInterrupted, resume_config, train
+
+    flags = {
+        "dataset": dataset, "data_root": data_root, "static_root": static_root, "event_fraction": event_fraction,
+        "data_options": _parse_options(option), "cache_dir": cache_dir, "timesteps": timesteps,
+        "input_size": _parse_input_size(input_size), "backbone": backbone, "width": width, "method": method,
+        "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
+        "warmup_epochs": warmup_epochs, "min_lr": min_lr, "seed": seed, "out": out, "device": device,
+        "num_workers": num_workers, "amp": amp, "channels_last": channels_last, "compile": compile,
+        "eval_every": eval_every,
+    }
+    neuron = {k: v for k, v in (("tau", tau), ("v_threshold", v_threshold)) if v is not None}
+    if neuron:
+        flags["neuron"] = neuron
+    console = Console()
+    try:
+        if resume is not None:
+            if config is not None:
+                raise TrainingError("--resume takes the run's stored settings; drop --config")
+            cfg = resume_config(resume, flags)
+        else:
+            cfg = build_config(config, flags)
+        result = train(cfg, console=console, resume=resume)
+    except TrainingInterrupted as e:
+        raise typer.Exit(e.exit_code) from None
+    except KeyboardInterrupt:
+        typer.secho("interrupted before training started; nothing saved", err=True)
+        raise typer.Exit(130) from None
+    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+    else:
+        acc = result.metrics.get("test_accuracy")
+        typer.echo(f"run directory: {result.run_dir}")
+        typer.echo(f"test accuracy: {acc:.4f}")
+
+
+def eval_command(
+    run: Path = typer.Argument(..., help="Run directory (or a Loihi netx export ending in .net)."),
+    split: str = typer.Option("test", help="test | val."),
+    dataset: Optional[str] = typer.Option(None, help="Data set name (default: the run's)."),
+    data_root: Optional[str] = typer.Option(None, help="Folder of the event recordings (default: the run's)."),
+    event_fraction: Optional[float] = typer.Option(None, help="Event training share (affects no test split; default: the run's)."),
+    option: Optional[list[str]] = typer.Option(None, "--option", "-o", help="Data set option KEY=VALUE (default: the run's)."),
+    cache_dir: Optional[str] = typer.Option(None, help="Frame cache folder."),
+    weights: str = typer.Option("model.safetensors", help="Weights file in the run: model.safetensors (best) or last.safetensors."),
+    batch_size: int = typer.Option(64, min=1, help="Evaluation batch size."),
+    device: str = typer.Option("auto", help="auto | cpu | cuda."),
+    per_class: bool = typer.Option(False, "--per-class", help="Also print accuracy per class."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+) -> None:
+    """Accuracy of a trained run's event head on its data set (rebuilt from the run's config or the flags)."""
+    from tmkt.checkpoint import CheckpointError
+
+    if split not in ("test", "val"):
+        raise typer.BadParameter(f"must be test or val, got {split!r}", param_hint="--split")
+    options = _parse_options(option)
+    if run.suffix == ".net" and run.is_file():
+        result = _eval_netx(run, split, dataset, data_root, options, cache_dir)
+    else:
+        from tmkt.train.trainer import TrainingError, resolve_device
+
+        try:
+            dev = resolve_device(device)
+            result = _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, dev)
+        except (CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+            _fail(str(e))
+    _print_result(result, per_class, as_json)
+
+
+def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, device) -> dict:
+    from tmkt.checkpoint import load_run
+    from tmkt.data.registry import build_data
+    from tmkt.train.evaluate import evaluate
+
+    loaded = load_run(run, weights_name=weights)
+    stored = loaded.config.get("train", {})
+    data = loaded.data
+    name = dataset or data["name"]
+    bundle = build_data(
+        name,
+        timesteps=loaded.timesteps,
+        input_size=tuple(data["input_size"]),
+        data_root=data_root if data_root is not None else stored.get("data_root"),
+        static_root=None,  # evaluation reads events only
+        event_fraction=event_fraction if event_fraction is not None else stored.get("event_fraction", 1.0),
+        seed=int(stored.get("seed", 0)),
+        cache_dir=cache_dir if cache_dir is not None else stored.get("cache_dir"),
+        options=options if options is not None else (stored.get("data_options") or None),
+    )
+    if list(bundle.spec.class_names) != loaded.class_names:
+        raise ValueError(
+            f"data set {name!r} has classes {list(bundle.spec.class_names)[:5]}..., the run was trained on "
+            f"{loaded.class_names[:5]}...; they must match"
+        )
+    model = loaded.model.to(device)
+    result = evaluate(model, getattr(bundle, split), batch_size, device, loaded.class_names)
+    result.update({"run": str(run), "weights": weights, "split": split, "dataset": name})
+    reported = loaded.config.get("metrics", {}).get("test_accuracy")
+    if reported is not None and split == "test" and weights == "model.safetensors":
+        result["reported_test_accuracy"] = reported
+    return result
+
+
+def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir) -> dict:
+    try:
+        from tmkt.export.lava import evaluate_netx
+    except ImportError as e:
+        _fail(f"evaluating a netx export is not available in this install ({e})")
+    try:
+        return evaluate_netx(
+            path, split=split, dataset=dataset, data_root=data_root, options=options, cache_dir=cache_dir
+        )
+    except (FileNotFoundError, ValueError) as e:
+        _fail(str(e))
+
+
+def _print_result(result: dict, per_class: bool, as_json: bool) -> None:
+    if as_json:
+        shown = dict(result)
+        if not per_class:
+            shown.pop("per_class", None)
+            shown.pop("confusion", None)
+        typer.echo(json.dumps(shown, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(
+        f"{result.get('split', 'test')} accuracy: [bold]{result['accuracy']:.4f}[/] "
+        f"({result.get('correct', '?')}/{result.get('total', '?')})"
+    )
+    if per_class and "per_class" in result:
+        table = Table("class", "accuracy", "correct", "total")
+        for name, row in result["per_class"].items():
+            acc = "-" if row["accuracy"] is None else f"{row['accuracy']:.4f}"
+            table.add_row(name, acc, str(row["correct"]), str(row["total"]))
+        console.print(table)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("train")(train_command)
+    app.command("eval")(eval_command)
