@@ -123,14 +123,16 @@ def train_command(
     except TrainingInterrupted as e:
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
-        typer.secho("interrupted before training started; nothing saved", err=True)
+        typer.secho("interrupted (files already in the run directory stay valid: every write is atomic)", err=True)
         raise typer.Exit(130) from None
     except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
         _fail(str(e))
     else:
-        acc = result.metrics.get("test_accuracy")
-        typer.echo(f"run directory: {result.run_dir}")
-        typer.echo(f"test accuracy: {acc:.4f}")
+        import os
+
+        if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one report
+            typer.echo(f"run directory: {result.run_dir}")
+            typer.echo(f"test accuracy: {result.metrics['test_accuracy']:.4f}")
 
 
 def eval_command(
@@ -154,15 +156,15 @@ def eval_command(
         raise typer.BadParameter(f"must be test or val, got {split!r}", param_hint="--split")
     options = _parse_options(option)
     if run.suffix == ".net" and run.is_file():
-        result = _eval_netx(run, split, dataset, data_root, options, cache_dir)
-    else:
-        from tmkt.train.trainer import TrainingError, resolve_device
+        _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size), as_json)
+        return
+    from tmkt.train.trainer import TrainingError, resolve_device
 
-        try:
-            dev = resolve_device(device)
-            result = _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, dev)
-        except (CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
-            _fail(str(e))
+    try:
+        dev = resolve_device(device)
+        result = _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, dev)
+    except (CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+        _fail(str(e))
     _print_result(result, per_class, as_json)
 
 
@@ -200,17 +202,33 @@ def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir
     return result
 
 
-def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir) -> dict:
+def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_size) -> dict:
     try:
         from tmkt.export.lava import evaluate_netx
     except ImportError as e:
         _fail(f"evaluating a netx export is not available in this install ({e})")
     try:
         return evaluate_netx(
-            path, split=split, dataset=dataset, data_root=data_root, options=options, cache_dir=cache_dir
+            path, dataset, split, data_root=data_root, options=options, cache_dir=cache_dir, batch_size=batch_size
         )
-    except (FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+        _fail(f"{path}: {e}")
+
+
+def _print_netx(result: dict, as_json: bool) -> None:
+    """The bit-accurate simulator's accuracy of a netx file, beside its float model's."""
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+
+    def pct(key: str) -> str:
+        v = result.get(key)
+        return "-" if v is None else f"{v:.4f}"
+
+    typer.echo(
+        f"{result.get('split', 'test')} accuracy (netx, bit-accurate simulator): {pct('quantized_accuracy')}  "
+        f"float model: {pct('float_accuracy')}  agreement: {pct('agreement')}  ({result.get('samples', '?')} samples)"
+    )
 
 
 def _print_result(result: dict, per_class: bool, as_json: bool) -> None:

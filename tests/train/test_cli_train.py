@@ -1,0 +1,73 @@
+"""`tmkt train` / `tmkt eval` through the CLI."""
+
+import json
+import sys
+
+from typer.testing import CliRunner
+
+from tmkt.cli import app
+
+TINY = [
+    "--dataset", "digits", "-T", "3", "--input-size", "16", "--event-fraction", "0.3", "-o", "image_size=16",
+    "-o", "time_resolution_us=10000", "--epochs", "2", "--batch-size", "8", "--device", "cpu",
+]
+
+
+def test_help_reads():
+    runner = CliRunner()
+    for cmd, words in (("train", ["--resume", "--config", "--method", "--epochs"]), ("eval", ["--split", "--per-class", "--json"])):
+        res = runner.invoke(app, [cmd, "--help"])
+        assert res.exit_code == 0, res.output
+        for w in words:
+            assert w in res.output
+
+
+def test_train_then_eval_reproduces_reported_accuracy(tmp_path, tmp_path_factory):
+    runner = CliRunner()
+    run = tmp_path / "run"
+    cache = str(tmp_path_factory.getbasetemp() / "digits-cache")
+    res = runner.invoke(app, ["train", *TINY, "--cache-dir", cache, "--out", str(run)])
+    assert res.exit_code == 0, res.output
+    cfg = json.loads((run / "config.json").read_text())
+    reported = cfg["metrics"]["test_accuracy"]
+    assert f"test accuracy: {reported:.4f}" in res.output and f"run directory: {run}" in res.output
+
+    res = runner.invoke(app, ["eval", str(run), "--json", "--device", "cpu"])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["accuracy"] == reported and out["total"] == cfg["metrics"]["test_total"]
+    assert "per_class" not in out
+
+    res = runner.invoke(app, ["eval", str(run), "--json", "--split", "val", "--per-class", "--device", "cpu"])
+    out = json.loads(res.output)
+    assert out["accuracy"] == cfg["metrics"]["best_val_accuracy"]
+    assert sum(c["correct"] for c in out["per_class"].values()) == out["correct"]
+    assert sum(c["total"] for c in out["per_class"].values()) == out["total"]
+
+    res = runner.invoke(app, ["eval", str(run), "--per-class", "--device", "cpu"])
+    assert res.exit_code == 0 and "test accuracy:" in res.output and "class" in res.output
+
+
+def test_bad_inputs_fail_cleanly(tmp_path):
+    runner = CliRunner()
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("epoch: 3\n")
+    res = runner.invoke(app, ["train", "--config", str(bad)])
+    assert res.exit_code == 1 and "epoch" in res.output and "Traceback" not in res.output
+
+    res = runner.invoke(app, ["eval", str(tmp_path / "nowhere")])
+    assert res.exit_code == 1 and "not a run directory" in res.output
+
+    res = runner.invoke(app, ["train", "--resume", str(tmp_path)])
+    assert res.exit_code == 1 and "resume.safetensors" in res.output
+
+    res = runner.invoke(app, ["train", "--input-size", "big"])
+    assert res.exit_code == 2 and "--input-size" in res.output
+
+
+def test_netx_file_without_exporter_says_not_available(tmp_path, monkeypatch):
+    net = tmp_path / "model.net"
+    net.write_bytes(b"\x89HDF\r\n")
+    monkeypatch.setitem(sys.modules, "tmkt.export.lava", None)  # as if the lava exporter were absent
+    res = CliRunner().invoke(app, ["eval", str(net)])
+    assert res.exit_code == 1 and "not available" in res.output

@@ -1,0 +1,296 @@
+"""Training objectives: TMKT and its baselines behind one loss module.
+
+`build_method(cfg, T)` gives a `MethodLoss`; the trainer calls
+``loss, logs = method(model, static, events, labels, progress, generator)`` once per batch and
+optimises the model's parameters together with the method's own (the per-step alignment
+coefficients ``eta``). Every method is evaluated and exported through the event head.
+
+- ``dvs``       events only, event head, TET.
+- ``finetune``  static sequences through the event head while ``progress < finetune_switch``,
+                then events only (the whole network, classifier included, carries over).
+- ``ekt``       EKT (He et al. 2024): each sample's static sequence is replaced by its event
+                sequence with probability ``progress ** ekt_power``; that stream goes through the
+                mixed head (``source_head``), the event stream through the event head; CKA
+                alignment between the two streams' membranes, per-step weights ``sigmoid(eta_t)``.
+- ``tmkt``      TMKT (Xie et al. 2025): the static stream is replaced by a time-step mixup of
+                static and event frames (`tmkt.train.tsm`); mixed head + MAG + MRP on it; event
+                head on the event stream; the same CKA alignment as EKT.
+
+In ekt and tmkt only the event stream updates BatchNorm running statistics (``bn_stats``),
+since evaluation sees events alone.
+
+docs/method.md states which constants come from the papers / EKT code and which are ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator
+
+import torch
+from torch import nn
+from torch.nn.modules.batchnorm import _BatchNorm
+
+from tmkt.train.losses import alignment_loss, linear_cka_per_step, mag_loss, mrp_loss, tet_loss
+from tmkt.train.tsm import time_step_mixup
+
+METHODS = ("dvs", "finetune", "ekt", "tmkt")
+MIX_SCHEDULES = ("uniform", "progress")
+BN_STATS = ("event", "both")
+HEADS = ("event", "mixed")
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Loss weights and schedules. Defaults marked [EKT] come from the EKT code, [TMKT] from the
+    TMKT paper, [ours] are our choices where both are silent (docs/method.md gives reasons)."""
+
+    name: str = "tmkt"
+    """One of METHODS."""
+    tet_lambda: float = 1e-3
+    """[EKT] weight of TET's MSE term; the CE term gets 1 - tet_lambda."""
+    tet_target: float = 1.0
+    """[EKT/ours] constant the MSE term pulls every step's logits to. EKT uses its V_th (0.5 for
+    its neuron); the TET paper uses 1.0, which is also our default V_th."""
+    label_smoothing: float = 0.1
+    """[EKT] label smoothing of the cross-entropy (EKT's timm default)."""
+    event_loss_weight: float = 1.0
+    """[EKT] weight of the event-stream TET (event head)."""
+    static_loss_weight: float = 1.0
+    """[EKT] weight of the static / replaced (ekt) or mixed (tmkt) stream TET (mixed head)."""
+    align_weight: float = 0.5
+    """[EKT] weight of the CKA alignment loss (ekt, tmkt)."""
+    eta_init: float = 1.0
+    """[EKT] initial value of the learnable per-step coefficients eta_t (weights sigmoid(eta_t))."""
+    mag_weight: float = 0.1
+    """[ours] weight of the MAG per-frame modality BCE (tmkt)."""
+    mrp_weight: float = 0.1
+    """[ours] weight of the MRP mix-ratio MSE (tmkt)."""
+    mix_ratio_min: float = 0.0
+    """[ours] lower end of the mix ratio r (tmkt)."""
+    mix_ratio_max: float = 1.0
+    """[ours] upper end of the mix ratio r (tmkt)."""
+    mix_ratio_schedule: str = "uniform"
+    """[ours] 'uniform': r ~ U(min, max) per sample; 'progress': r = min + (max - min) *
+    progress ** mix_ratio_power for the whole batch (a curriculum towards events, as EKT's)."""
+    mix_ratio_power: float = 1.0
+    """[ours] exponent of the 'progress' schedule."""
+    finetune_switch: float = 0.5
+    """[EKT ablation] fraction of training spent on static data before switching to events (finetune)."""
+    ekt_power: float = 3.0
+    """[EKT] replacement probability is progress ** ekt_power (ekt)."""
+    source_head: str = "mixed"
+    """[EKT/TMKT] classifier of the static / replaced (ekt) or mixed (tmkt) stream: 'mixed' is the
+    papers' separate head; 'event' shares the event head (an ablation of ours)."""
+    bn_stats: str = "event"
+    """[ours] which stream updates BatchNorm running statistics (ekt, tmkt). Evaluation sees
+    events only, so 'event' keeps the static / mixed stream from moving them (it still uses its
+    own batch statistics in training); 'both' is EKT's code, where the two calls per step blend
+    static and event statistics into the running estimates used at test time."""
+
+    def __post_init__(self) -> None:
+        if self.name not in METHODS:
+            raise ValueError(f"method.name must be one of {METHODS}, got {self.name!r}")
+        if self.source_head not in HEADS:
+            raise ValueError(f"method.source_head must be one of {HEADS}, got {self.source_head!r}")
+        if self.bn_stats not in BN_STATS:
+            raise ValueError(f"method.bn_stats must be one of {BN_STATS}, got {self.bn_stats!r}")
+        if self.mix_ratio_schedule not in MIX_SCHEDULES:
+            raise ValueError(f"method.mix_ratio_schedule must be one of {MIX_SCHEDULES}, got {self.mix_ratio_schedule!r}")
+        if not 0.0 <= self.mix_ratio_min <= self.mix_ratio_max <= 1.0:
+            raise ValueError(
+                f"need 0 <= mix_ratio_min <= mix_ratio_max <= 1, got {self.mix_ratio_min}, {self.mix_ratio_max}"
+            )
+        for unit in ("tet_lambda", "finetune_switch", "label_smoothing"):
+            if not 0.0 <= getattr(self, unit) <= 1.0:
+                raise ValueError(f"method.{unit} must lie in [0, 1], got {getattr(self, unit)}")
+        for name in ("event_loss_weight", "static_loss_weight", "align_weight", "mag_weight", "mrp_weight"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"method.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("ekt_power", "mix_ratio_power"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"method.{name} must be > 0, got {getattr(self, name)}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "MethodConfig":
+        """Inverse of `to_dict`; missing fields take their defaults, unknown or mistyped ones raise."""
+        kinds = {f.name: f.type for f in dataclasses.fields(cls)}
+        unknown = set(d) - set(kinds)
+        if unknown:
+            raise ValueError(f"unknown method config fields: {sorted(unknown)}")
+        values: dict[str, Any] = {}
+        for key, value in d.items():
+            kind = kinds[key]
+            if kind == "str" and isinstance(value, str):
+                values[key] = value
+            elif kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                values[key] = float(value)
+            else:
+                raise ValueError(f"method.{key} must be a {kind}, got {value!r}")
+        return cls(**values)
+
+
+@contextmanager
+def _frozen_bn_stats(model: nn.Module, enabled: bool) -> Iterator[None]:
+    """BatchNorm layers normalise with batch statistics but leave running statistics as they are
+    (momentum 0), restoring each layer's momentum afterwards."""
+    layers = [m for m in model.modules() if isinstance(m, _BatchNorm)] if enabled else []
+    saved = [m.momentum for m in layers]
+    for m in layers:
+        m.momentum = 0.0
+    try:
+        yield
+    finally:
+        for m, momentum in zip(layers, saved):
+            m.momentum = momentum
+
+
+def _f(x: torch.Tensor) -> float:
+    """A log value: detached, so logging never touches the graph."""
+    return float(x.detach())
+
+
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+    """Share of samples whose mean-over-T logits pick the label; logits ``[T, B, K]``."""
+    return float((logits.detach().mean(0).argmax(-1) == labels).float().mean())
+
+
+class MethodLoss(nn.Module):
+    """The objective of one method. Owns ``eta`` ``[T]``, the learnable per-step coefficients of
+    the CKA alignment (ekt, tmkt; unused otherwise), so the optimiser must see its parameters."""
+
+    def __init__(self, cfg: MethodConfig, timesteps: int) -> None:
+        super().__init__()
+        if timesteps < 1:
+            raise ValueError(f"timesteps must be >= 1, got {timesteps}")
+        self.cfg = cfg
+        self.timesteps = timesteps
+        self.eta = nn.Parameter(torch.full((timesteps,), float(cfg.eta_init)))
+
+    def _tet(self, logits: torch.Tensor, labels: torch.Tensor, step_weights: torch.Tensor | None = None) -> torch.Tensor:
+        c = self.cfg
+        return tet_loss(
+            logits, labels, lam=c.tet_lambda, target=c.tet_target, step_weights=step_weights,
+            label_smoothing=c.label_smoothing,
+        )
+
+    def forward(
+        self,
+        model: nn.Module,
+        static: torch.Tensor | None,
+        events: torch.Tensor,
+        labels: torch.Tensor,
+        progress: float,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        """Loss of one batch and float logs.
+
+        static, events: ``[B, T, C, H, W]`` as a DataLoader yields them (static may be None for
+        ``dvs``); labels: ``[B]``; progress: fraction of training done, in [0, 1]; generator:
+        the only source of randomness (mix ratios, switch steps, replacements).
+        """
+        if events.ndim != 5 or events.shape[1] != self.timesteps:
+            raise ValueError(f"events must be [B, T={self.timesteps}, C, H, W], got {tuple(events.shape)}")
+        ev = events.transpose(0, 1)
+        st = None
+        if static is not None:
+            if static.shape != events.shape:
+                raise ValueError(f"static {tuple(static.shape)} and events {tuple(events.shape)} differ in shape")
+            st = static.transpose(0, 1)
+        progress = min(max(float(progress), 0.0), 1.0)
+        name = self.cfg.name
+        if name == "dvs":
+            return self._dvs(model, ev, labels)
+        if st is None:
+            raise ValueError(f"method {name!r} needs static sequences, got static=None")
+        if name == "finetune":
+            return self._finetune(model, st, ev, labels, progress)
+        if name == "ekt":
+            return self._ekt(model, st, ev, labels, progress, generator)
+        return self._tmkt(model, st, ev, labels, progress, generator)
+
+    def _dvs(self, model: nn.Module, ev: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+        out = model(ev, head="event")
+        loss = self.cfg.event_loss_weight * self._tet(out["logits"], labels)
+        return loss, {"loss": _f(loss), "tet_event": _f(loss), "acc_event": _accuracy(out["logits"], labels)}
+
+    def _finetune(
+        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, progress: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        if progress >= self.cfg.finetune_switch:
+            loss, logs = self._dvs(model, ev, labels)
+            return loss, {**logs, "static_phase": 0.0}
+        out = model(st, head="event")
+        loss = self.cfg.static_loss_weight * self._tet(out["logits"], labels)
+        return loss, {
+            "loss": _f(loss), "tet_static": _f(loss), "acc_static": _accuracy(out["logits"], labels),
+            "static_phase": 1.0,
+        }
+
+    def _two_streams(
+        self, model: nn.Module, src: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, aux: bool
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+        """Shared by ekt and tmkt: TETs of both streams + weighted CKA alignment of their membranes."""
+        c = self.cfg
+        with _frozen_bn_stats(model, c.bn_stats == "event"):
+            out_s = model(src, head=c.source_head, aux=aux)
+        out_e = model(ev, head="event")
+        w = torch.sigmoid(self.eta)
+        cka = linear_cka_per_step(out_s["membrane"], out_e["membrane"])
+        l_align = alignment_loss(cka, w)
+        l_src = self._tet(out_s["logits"], labels)
+        l_ev = self._tet(out_e["logits"], labels, step_weights=1.0 - w)
+        loss = c.static_loss_weight * l_src + c.event_loss_weight * l_ev + c.align_weight * l_align
+        logs = {
+            "tet_mixed": _f(l_src), "tet_event": _f(l_ev), "align": _f(l_align),
+            "cka": _f(cka.abs().mean()), "eta_weight": _f(w.mean()),
+            "acc_event": _accuracy(out_e["logits"], labels), "acc_mixed": _accuracy(out_s["logits"], labels),
+        }
+        return loss, out_s, logs
+
+    def _ekt(
+        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, progress: float,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        p_replace = progress ** self.cfg.ekt_power
+        batch = ev.shape[1]
+        u = torch.rand(batch, generator=generator, device=generator.device).to(ev.device)
+        replace = (u < p_replace).reshape((1, batch) + (1,) * (ev.ndim - 2))
+        src = torch.where(replace, ev, st)
+        loss, _, logs = self._two_streams(model, src, ev, labels, aux=False)
+        return loss, {"loss": _f(loss), **logs, "replace_prob": p_replace}
+
+    def _mix_ratio(self, batch: int, progress: float, generator: torch.Generator) -> torch.Tensor:
+        c = self.cfg
+        if c.mix_ratio_schedule == "progress":
+            r = c.mix_ratio_min + (c.mix_ratio_max - c.mix_ratio_min) * progress ** c.mix_ratio_power
+            return torch.full((batch,), r, dtype=torch.float64)
+        u = torch.rand(batch, generator=generator, dtype=torch.float64, device=generator.device)
+        return c.mix_ratio_min + (c.mix_ratio_max - c.mix_ratio_min) * u
+
+    def _tmkt(
+        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, progress: float,
+        generator: torch.Generator,
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        c = self.cfg
+        ratio = self._mix_ratio(ev.shape[1], progress, generator)
+        mix = time_step_mixup(st, ev, ratio, generator)
+        loss, out_m, logs = self._two_streams(model, mix.mixed, ev, labels, aux=True)
+        l_mag = mag_loss(out_m["mag"], mix.frame_labels)
+        l_mrp = mrp_loss(out_m["mrp"], mix.mix_ratio)
+        loss = loss + c.mag_weight * l_mag + c.mrp_weight * l_mrp
+        mag_acc = float(((out_m["mag"].detach() > 0).to(mix.frame_labels.dtype) == mix.frame_labels).float().mean())
+        return loss, {
+            "loss": _f(loss), **logs, "mag": _f(l_mag), "mrp": _f(l_mrp), "acc_mag": mag_acc,
+            "mix_ratio": _f(mix.mix_ratio.mean()),
+        }
+
+
+def build_method(cfg: MethodConfig, timesteps: int) -> MethodLoss:
+    """The loss module of ``cfg.name`` for sequences of ``timesteps`` steps."""
+    return MethodLoss(cfg, timesteps)
