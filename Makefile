@@ -18,8 +18,19 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
 	touch $(STAMP)
 
-demo: install
-	$(BIN)/tmkt --version
+DEMO := runs/demo
+
+# The main job on the built-in data: train TMKT, evaluate, export to every target, profile energy.
+# Reruns retrain into the same folder (--overwrite): the demo's outputs are regenerated each time.
+demo: install lava-env
+	$(BIN)/tmkt train --out $(DEMO) --overwrite
+	$(BIN)/tmkt eval $(DEMO) --per-class
+	$(BIN)/tmkt export $(DEMO) --target onnx --out $(DEMO)/model.onnx
+	$(BIN)/tmkt export $(DEMO) --target onnx --mode stream --out $(DEMO)/model-stream.onnx
+	$(BIN)/tmkt export $(DEMO) --target lava --out $(DEMO)/model.net
+	$(BIN)/tmkt eval $(DEMO)/model.net
+	$(BIN)/tmkt export $(DEMO) --target nir --out $(DEMO)/model.nir
+	$(BIN)/tmkt profile $(DEMO) --energy --samples 64 --json $(DEMO)/profile.json --plot $(DEMO)/profile.png
 
 # The Python 3.10 lava-dl environment that checks netx exports (light: no torch; cached).
 lava-env:

@@ -236,3 +236,12 @@ def test_event_only_method_trains_without_static_requirement(tmp_path, cache):
     res = trainer.train(tiny_config(tmp_path / "d", cache, method={"name": "dvs"}), console=quiet())
     assert res.metrics["test_accuracy"] > 0.3  # chance is 0.1
     assert json.loads((tmp_path / "d" / "config.json").read_text())["method"]["name"] == "dvs"
+
+
+def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path, cache):
+    run = tmp_path / "old"
+    run.mkdir()
+    (run / "config.json").write_text('{"keep": "me"}')
+    with pytest.raises(trainer.TrainingError, match="already holds a run"):
+        trainer.train(tiny_config(run, cache), console=quiet())
+    assert (run / "config.json").read_text() == '{"keep": "me"}'

@@ -51,6 +51,9 @@ def train_command(
     resume: Optional[Path] = typer.Option(
         None, "--resume", help="Continue the run in this directory exactly where it stopped (its own settings)."
     ),
+    overwrite: bool = typer.Option(
+        False, "--overwrite", help="Allow --out to name a folder that already holds a run (its files are replaced)."
+    ),
     dataset: Optional[str] = typer.Option(
         None, help="digits (built in) | ncaltech101 | cifar10dvs | nmnist | dvsgesture.", rich_help_panel=_SETTINGS
     ),
@@ -119,7 +122,7 @@ def train_command(
             cfg = resume_config(resume, flags)
         else:
             cfg = build_config(config, flags)
-        result = train(cfg, console=console, resume=resume)
+        result = train(cfg, console=console, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:

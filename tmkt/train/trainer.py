@@ -51,7 +51,7 @@ from safetensors.torch import load_file, safe_open
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tmkt.checkpoint import CheckpointError, atomic_write_bytes, model_state, save_run, save_weights
+from tmkt.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_bytes, model_state, save_run, save_weights
 from tmkt.models import ModelConfig, build_model
 from tmkt.train import distributed as dist_utils
 from tmkt.train.config import TrainConfig, config_from_dict
@@ -320,9 +320,12 @@ def _eval_split(
     return summarize(dist_utils.all_reduce_sum(counts, info, device), class_names)
 
 
-def train(cfg: TrainConfig, console=None, *, resume: str | Path | None = None) -> TrainResult:
+def train(
+    cfg: TrainConfig, console=None, *, resume: str | Path | None = None, overwrite: bool = False
+) -> TrainResult:
     """Train `cfg` (or continue the run in `resume`, whose config `cfg` must be, see
-    `resume_config`) and return the run directory with its final metrics.
+    `resume_config`) and return the run directory with its final metrics. A fresh run refuses an
+    `out` folder that already holds a run unless `overwrite`, so no trained model is lost by accident.
 
     Raises:
         TrainingInterrupted: after SIGINT / SIGTERM, once last weights and resume state are saved.
@@ -342,12 +345,12 @@ def train(cfg: TrainConfig, console=None, *, resume: str | Path | None = None) -
     say = console.print if info.is_main else (lambda *a, **k: None)
     try:
         with _deterministic(device.type == "cpu"):
-            return _train(cfg, device, info, console, say, resume, build_data, build_method)
+            return _train(cfg, device, info, console, say, resume, build_data, build_method, overwrite)
     finally:
         dist_utils.shutdown(info)
 
 
-def _train(cfg, device, info, console, say, resume, build_data, build_method) -> TrainResult:
+def _train(cfg, device, info, console, say, resume, build_data, build_method, overwrite=False) -> TrainResult:
     if cfg.batch_size % info.world_size:
         raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {info.world_size} processes")
     per_rank_batch = cfg.batch_size // info.world_size
@@ -368,6 +371,11 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method) ->
     else:
         run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method.name)
         run_dir = Path(dist_utils.broadcast_text(str(run_dir), info, device))
+        if not overwrite and (run_dir / CONFIG_NAME).exists():
+            raise TrainingError(
+                f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+                "choose another --out, or pass --overwrite"
+            )
 
     bundle = build_data(
         cfg.dataset,
