@@ -43,19 +43,12 @@ def build(name: str, tmp: Path):
     """A randomly initialised run of model `name`: (spikingjelly model, deploy graph)."""
     from tmkt.checkpoint import load_run, save_run
     from tmkt.export.graph import lower_run
-    from tmkt.models import ModelConfig, build_model
+    from tmkt.models import ModelConfig, build_model, randomize_batchnorm
 
     spec = MODELS[name]
     torch.manual_seed(0)
     model = build_model(ModelConfig(backbone=spec["backbone"], num_classes=spec["num_classes"], input_size=spec["input_size"]))
-    g = torch.Generator().manual_seed(0)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
-            m.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3 + 0.3)
+    randomize_batchnorm(model, 0)
     data = {
         "name": "bench",
         "class_names": [f"c{k}" for k in range(spec["num_classes"])],

@@ -248,3 +248,22 @@ class SpikingNet(nn.Module):
 def build_model(cfg: ModelConfig) -> SpikingNet:
     """Build the network described by `cfg` (random initialisation)."""
     return SpikingNet(cfg)
+
+
+@torch.no_grad()
+def randomize_batchnorm(model: nn.Module, seed: int = 0, bias_mean: float = 0.3) -> nn.Module:
+    """Give every BatchNorm2d random eval statistics and affine terms, biased so neurons spike.
+
+    For tests, benchmarks and export checks of untrained networks: a freshly built net has
+    identity BatchNorm and barely spikes, which would make spike-for-spike comparisons vacuous.
+    Returns the model in eval mode.
+    """
+    g = torch.Generator().manual_seed(seed)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            c = m.num_features
+            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
+            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
+            m.weight.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
+            m.bias.copy_(torch.randn(c, generator=g) * 0.3 + bias_mean)
+    return model.eval()

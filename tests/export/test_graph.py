@@ -13,19 +13,9 @@ from spikingjelly.activation_based import neuron as sj_neuron
 
 from tmkt.export import graph as G
 from tmkt.models import ModelConfig, build_model
+from tmkt.models import randomize_batchnorm as randomize_bn
 
 
-def randomize_bn(model, seed=0):
-    """Eval-mode BN with random statistics and affine terms, biased so that neurons spike."""
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
-            m.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3 + 0.3)
-    return model.eval()
 
 
 def sj_spikes(model, x):

@@ -20,6 +20,7 @@ from tmkt.export.quantize import (
     quantize_graph,
 )
 from tmkt.models import ModelConfig, build_model
+from tmkt.models import randomize_batchnorm as randomize_bn
 from tmkt.runtime.loihi_sim import simulate
 
 
@@ -29,16 +30,6 @@ def chain(nodes, meta=None):
     return G.DeployGraph(nodes, inputs, output=names[-1], meta=dict(meta or {"timesteps": 4}))
 
 
-def randomize_bn(model, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
-            m.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3 + 0.3)
-    return model.eval()
 
 
 def make_run(tmp_path, backbone="small", size=(16, 16), width=0.5, timesteps=4, classes=5):

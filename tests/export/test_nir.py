@@ -10,24 +10,13 @@ import torch
 
 from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, Flatten, GraphError, Input, lower, run_graph
 from tmkt.export.nir import export_nir, graph_to_nir, read_nir
-from tmkt.models import ModelConfig, NeuronConfig, build_model
-
-
-def _random_bn(model):
-    g = torch.Generator().manual_seed(1)
-    for m in model.modules():
-        if isinstance(m, torch.nn.BatchNorm2d):
-            m.running_mean.copy_(torch.rand(m.num_features, generator=g) * 0.4 - 0.2)
-            m.running_var.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.weight.data.copy_(torch.rand(m.num_features, generator=g) + 0.5)
-            m.bias.data.copy_(torch.rand(m.num_features, generator=g) * 0.5)
-    return model.eval()
+from tmkt.models import ModelConfig, NeuronConfig, build_model, randomize_batchnorm
 
 
 @pytest.mark.parametrize("backbone,size", [("small", (16, 16)), ("resnet18", (16, 16))])
 def test_nir_round_trip_equals_deploy_graph(tmp_path, backbone, size):
     torch.manual_seed(0)
-    model = _random_bn(build_model(ModelConfig(backbone=backbone, input_size=size, width=0.25,
+    model = randomize_batchnorm(build_model(ModelConfig(backbone=backbone, input_size=size, width=0.25,
                                                neuron=NeuronConfig(tau=3.0, v_threshold=0.5))))
     g = lower(model, {"timesteps": 5, "class_names": [str(i) for i in range(10)]})
     report = export_nir(g, tmp_path / "m.nir")

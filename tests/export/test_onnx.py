@@ -12,7 +12,7 @@ from tmkt.cli import app
 from tmkt.export.graph import init_state, lower_run, run_graph, step_graph
 from tmkt.export.metadata import FORMAT, MetadataError, data_spec, decode_metadata, encode_metadata
 from tmkt.export.onnx import _torch_reference, compare_spikes, export_onnx, read_onnx_metadata, verify_onnx
-from tmkt.models import ModelConfig, build_model
+from tmkt.models import ModelConfig, build_model, randomize_batchnorm
 
 CLASSES = ["zero", "one", "two", "three"]
 SIZE = (16, 16)
@@ -22,14 +22,7 @@ T = 4
 def make_run(path, seed=0):
     torch.manual_seed(seed)
     model = build_model(ModelConfig(backbone="small", num_classes=len(CLASSES), input_size=SIZE, width=0.5))
-    g = torch.Generator().manual_seed(seed)
-    for m in model.modules():  # random BN statistics, biased so that neurons spike
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
-            m.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3 + 0.3)
+    randomize_batchnorm(model, seed)
     config = {
         "data": {
             "name": "digits",

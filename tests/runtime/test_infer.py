@@ -15,7 +15,7 @@ from tmkt.data.spec import DataSpec, frames_from_events
 from tmkt.export.graph import init_state, lower_run, step_graph
 from tmkt.export.metadata import MetadataError
 from tmkt.export.onnx import export_onnx
-from tmkt.models import ModelConfig, build_model
+from tmkt.models import ModelConfig, build_model, randomize_batchnorm
 from tmkt.runtime import EventClassifier
 from tmkt.runtime.classifier import InferenceError, softmax, split_windows
 
@@ -28,14 +28,7 @@ T = 4
 def make_run(path):
     torch.manual_seed(3)
     model = build_model(ModelConfig(backbone="small", num_classes=len(CLASSES), input_size=SIZE, width=0.5))
-    g = torch.Generator().manual_seed(3)
-    for m in model.modules():  # random BN statistics, biased so that neurons spike
-        if isinstance(m, torch.nn.BatchNorm2d):
-            c = m.num_features
-            m.running_mean.copy_(torch.randn(c, generator=g) * 0.2)
-            m.running_var.copy_(torch.rand(c, generator=g) * 0.8 + 0.4)
-            m.weight.data.copy_(torch.rand(c, generator=g) * 1.5 + 0.5)
-            m.bias.data.copy_(torch.randn(c, generator=g) * 0.3 + 0.2)
+    randomize_batchnorm(model, 3, bias_mean=0.2)
     data = {
         "name": "toy",
         "class_names": CLASSES,
