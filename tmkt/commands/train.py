@@ -180,6 +180,10 @@ def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir
     stored = loaded.config.get("train", {})
     data = loaded.data
     name = dataset or data["name"]
+    if options is None:
+        options = dict(stored.get("data_options") or {})
+        if name == data["name"]:  # bin events exactly as the model was trained, whatever today's defaults
+            options.update({k: data["binning"][k] for k in ("by", "binary") if k in data["binning"]})
     bundle = build_data(
         name,
         timesteps=loaded.timesteps,
@@ -189,7 +193,7 @@ def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir
         event_fraction=event_fraction if event_fraction is not None else stored.get("event_fraction", 1.0),
         seed=int(stored.get("seed", 0)),
         cache_dir=cache_dir if cache_dir is not None else stored.get("cache_dir"),
-        options=options if options is not None else (stored.get("data_options") or None),
+        options=options or None,
     )
     if list(bundle.spec.class_names) != loaded.class_names:
         raise ValueError(
