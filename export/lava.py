@@ -376,20 +376,26 @@ def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "te
     name = dataset or meta.get("dataset", "digits")
     t = int(meta["timesteps"])
     size = tuple(meta["input_shape"][1:])
-    if options is None and name == meta.get("dataset"):  # bin events exactly as the model was trained
-        options = {k: meta["binning"][k] for k in ("by", "binary") if k in meta.get("binning", {})}
-    bundle = build_data(name, timesteps=t, input_size=size, data_root=data_root, cache_dir=cache_dir, seed=seed,
-                        options=options)
     if split not in ("test", "val", "train"):
         raise ValueError(f"split must be test, val or train, got {split!r}")
-    ds = getattr(bundle, split)
-    graph = None
+    graph, stored = None, {}
     src = Path(run_dir) if run_dir else (Path(meta["source_run"]) if meta.get("source_run") else None)
     if src is not None and (src / "config.json").exists():
         from tmkt.checkpoint import load_run
         from tmkt.export.graph import lower_run
 
-        graph = lower_run(load_run(src))
+        run = load_run(src)
+        graph = lower_run(run)
+        stored = run.config.get("train", {})
+    if options is None and name == meta.get("dataset"):
+        # the run's own data options (emulator settings, seed) and binning: the data it was tested on
+        options = dict(stored.get("data_options") or {})
+        options.update({k: meta["binning"][k] for k in ("by", "binary") if k in meta.get("binning", {})})
+        seed = int(stored.get("seed", seed))
+        data_root = data_root if data_root is not None else stored.get("data_root")
+    bundle = build_data(name, timesteps=t, input_size=size, data_root=data_root, cache_dir=cache_dir, seed=seed,
+                        options=options)
+    ds = getattr(bundle, split)
     n_total = len(ds) if limit is None else min(limit, len(ds))
     q_ok = f_ok = fb_ok = agree = in_range = 0
     start = time.perf_counter()

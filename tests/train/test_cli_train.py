@@ -47,6 +47,20 @@ def test_train_then_eval_reproduces_reported_accuracy(tmp_path, tmp_path_factory
     res = runner.invoke(app, ["eval", str(run), "--per-class", "--device", "cpu"])
     assert res.exit_code == 0 and "test accuracy:" in res.output and "class" in res.output
 
+    # The Loihi exit of the same run: exported through the CLI, evaluated by `tmkt eval FILE.net`.
+    # Its float model is this run on the same test split, so it must report the same accuracy.
+    net = run / "model.net"
+    res = runner.invoke(app, ["export", str(run), "--target", "lava", "--out", str(net), "--no-verify"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["eval", str(net), "--json", "--cache-dir", cache])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    assert out["float_accuracy"] == reported
+    assert out["samples"] == cfg["metrics"]["test_total"]
+    assert 0.0 <= out["quantized_accuracy"] <= 1.0 and 0.0 <= out["agreement"] <= 1.0
+    res = runner.invoke(app, ["eval", str(net), "--cache-dir", cache])
+    assert res.exit_code == 0 and "bit-accurate simulator" in res.output
+
 
 def test_bad_inputs_fail_cleanly(tmp_path):
     runner = CliRunner()
