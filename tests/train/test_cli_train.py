@@ -47,6 +47,9 @@ def test_train_then_eval_reproduces_reported_accuracy(tmp_path, tmp_path_factory
     res = runner.invoke(app, ["eval", str(run), "--per-class", "--device", "cpu"])
     assert res.exit_code == 0 and "test accuracy:" in res.output and "class" in res.output
 
+    # The deploy graph of the trained run equals its spikingjelly model spike for spike on test data.
+    _deploy_graph_equals_trained_model(run, cache)
+
     # The Loihi exit of the same run: exported through the CLI, evaluated by `tmkt eval FILE.net`.
     # Its float model is this run on the same test split, so it must report the same accuracy.
     net = run / "model.net"
@@ -85,3 +88,32 @@ def test_netx_file_without_exporter_says_not_available(tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, "tmkt.export.lava", None)  # as if the lava exporter were absent
     res = CliRunner().invoke(app, ["eval", str(net)])
     assert res.exit_code == 1 and "not available" in res.output
+
+
+def _deploy_graph_equals_trained_model(run, cache):
+    import torch
+    from spikingjelly.activation_based import neuron as sj_neuron
+
+    from tmkt.checkpoint import load_run
+    from tmkt.data.registry import build_data
+    from tmkt.export.graph import lower_run, run_graph
+
+    loaded = load_run(run)
+    stored = loaded.config["train"]
+    data = loaded.data
+    bundle = build_data("digits", timesteps=loaded.timesteps, input_size=tuple(data["input_size"]),
+                        seed=stored["seed"], cache_dir=cache, options=stored["data_options"])
+    x = torch.stack([bundle.test[i][0] for i in range(16)], dim=1)  # [T, B, 2, H, W]
+    lifs = [m for m in loaded.model.trunk.modules() if isinstance(m, sj_neuron.LIFNode)]
+    got = []
+    hooks = [m.register_forward_hook(lambda _m, _i, out: got.append(out.detach().clone())) for m in lifs]
+    with torch.no_grad():
+        logits = loaded.model(x)["logits"]
+    for h in hooks:
+        h.remove()
+    graph = lower_run(loaded)
+    ref = run_graph(graph, x)
+    assert len(got) == len(ref["spikes"]) and sum(float(s.sum()) for s in got) > 0
+    for sj, name in zip(got, ref["spikes"]):
+        assert torch.equal(sj.reshape(ref["spikes"][name].shape), ref["spikes"][name]), name
+    torch.testing.assert_close(ref["step_logits"], logits, atol=1e-5, rtol=1e-5)
