@@ -194,3 +194,13 @@ def test_emulate_command_rejects_bad_input(tmp_path):
     )
     assert result.exit_code == 0, result.output
     assert read_events(tmp_path / "out" / "wide.bin").events["x"].max() < 240
+
+
+def test_emulate_command_out_dir_is_a_file(tmp_path):
+    """Regression: OUT_DIR naming a file failed once per image ('Not a directory'); now one usage error."""
+    (tmp_path / "imgs").mkdir()
+    Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "imgs" / "a.png")
+    (tmp_path / "out.txt").write_text("x")
+    result = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["data", "emulate", str(tmp_path / "imgs"), str(tmp_path / "out.txt")])
+    assert result.exit_code == 2 and "OUT_DIR" in result.output and "is a file" in result.output
+    assert (tmp_path / "out.txt").read_text() == "x"

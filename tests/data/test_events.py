@@ -438,3 +438,9 @@ def test_cli_info_bad_file(tmp_path):
     assert result.exit_code == 1
     assert "bad.bin" in result.output and "truncated" in result.output
     assert "Traceback" not in result.output and result.exception is None or isinstance(result.exception, SystemExit)
+
+
+def test_cli_info_folder_is_an_error(tmp_path):
+    result = CliRunner().invoke(app, ["data", "info", str(tmp_path)])
+    assert result.exit_code == 1 and "is a folder" in result.output
+    assert result.exception is None or isinstance(result.exception, SystemExit)

@@ -200,3 +200,13 @@ def test_cli_export_missing_target_module(run, monkeypatch):
     monkeypatch.setitem(sys.modules, "tmkt.export.lava", None)  # as if lava's exporter were absent
     res = CliRunner().invoke(app, ["export", str(run.path), "--target", "lava"])
     assert res.exit_code == 1 and "target 'lava' is not available" in res.output
+
+
+def test_cli_export_out_is_a_folder(tmp_path, run):
+    """Regression: --out naming a folder was a raw IsADirectoryError; now a usage error before any work."""
+    folder = tmp_path / "dir"
+    folder.mkdir()
+    for target in ("onnx", "nir", "lava"):
+        res = CliRunner().invoke(app, ["export", str(run.path), "--target", target, "--out", str(folder)])
+        assert res.exit_code == 2 and "--out" in res.output and "folder" in res.output, (target, res.output)
+    assert list(folder.iterdir()) == []

@@ -197,3 +197,36 @@ def test_cli_infer_provider(models, tmp_path):
         assert res.exit_code == 1 and "CUDA" in res.output
     res = CliRunner().invoke(app, ["infer", str(models["stream"]), str(tmp_path / "a.npz"), "--provider", "tpu"])
     assert res.exit_code != 0 and "--provider" in res.output
+
+
+def test_cli_infer_usage_errors(models, tmp_path):
+    """Regressions: carry on an unrolled model, sub-µs windows, a netx file as MODEL, empty recordings."""
+    write_events(tmp_path / "a.npz", random_events(2), SENSOR)
+    a = str(tmp_path / "a.npz")
+    runner = CliRunner(env={"COLUMNS": "400"})  # wide: rich must not wrap the messages
+    res = runner.invoke(app, ["infer", str(models["unrolled"]), a, a, "--window-ms", "50", "--state", "carry"])
+    assert res.exit_code == 2 and "--mode stream" in res.output and "carry_state" not in res.output
+    res = runner.invoke(app, ["infer", str(models["stream"]), a, "--window-ms", "0.0001"])
+    assert res.exit_code == 2 and "--window-ms" in res.output
+    net = tmp_path / "model.net"
+    net.write_bytes(b"\x89HDF\r\n\x1a\n" + b"\x00" * 32)
+    res = runner.invoke(app, ["infer", str(net), a])
+    assert res.exit_code == 1 and "model.net" in res.output and "--target onnx" in res.output
+    write_events(tmp_path / "empty.npz", random_events(3)[:0], SENSOR)
+    res = runner.invoke(app, ["infer", str(models["stream"]), str(tmp_path / "empty.npz"), "--window-ms", "50"])
+    assert res.exit_code == 0 and "no events" in res.output
+
+
+def test_cli_infer_warns_about_events_outside_the_sensor(models, tmp_path):
+    """Events beyond the model's sensor are dropped by binning; infer says how many, per file."""
+    ev = random_events(4, n=500)
+    ev["x"][:37] = SENSOR[0] + 3  # 37 events right of the model's sensor
+    write_events(tmp_path / "wide.npz", ev, (SENSOR[0] + 10, SENSOR[1]))
+    write_events(tmp_path / "fits.npz", random_events(5, n=500), SENSOR)
+    res = CliRunner().invoke(app, ["infer", str(models["unrolled"]), str(tmp_path), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert len(doc["predictions"]) == 2 and len(doc["warnings"]) == 1
+    assert doc["warnings"][0]["file"].endswith("wide.npz") and "37 of 500 events" in doc["warnings"][0]["warning"]
+    res = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["infer", str(models["unrolled"]), str(tmp_path / "wide.npz")])
+    assert res.exit_code == 0 and "warning:" in res.output and "are dropped" in res.output

@@ -345,3 +345,19 @@ def test_cli_errors_are_messages(tmp_path, small_net):
                    'e_neuron_update_pj = 1.0\n[sources]\n')
     res = CliRunner().invoke(app, ["profile", str(run), "--hw", str(bad), "--frames", "x.npy"])
     assert res.exit_code != 0 and "bad.toml" in res.output and "e_synop_pj" in res.output
+
+
+def test_cli_bad_output_paths_fail_before_profiling(tmp_path, small_net):
+    """Regressions: --json naming a folder raised IsADirectoryError after profiling; --hw ',' named nothing."""
+    from tmkt.cli import app
+
+    run = _save_run(tmp_path, small_net)
+    np.save(tmp_path / "f.npy", np.zeros((2, 3, 2, 16, 16), np.float32))
+    folder = tmp_path / "out"
+    folder.mkdir()
+    runner = CliRunner(env={"COLUMNS": "400"})
+    res = runner.invoke(app, ["profile", str(run), "--frames", str(tmp_path / "f.npy"), "--json", str(folder)])
+    assert res.exit_code == 2 and "--json" in res.output and "is a folder" in res.output
+    res = runner.invoke(app, ["profile", str(run), "--frames", str(tmp_path / "f.npy"), "--hw", " , "])
+    assert res.exit_code == 2 and "--hw" in res.output and "names no profile" in res.output
+    assert list(folder.iterdir()) == []

@@ -117,3 +117,23 @@ def _deploy_graph_equals_trained_model(run, cache):
     for sj, name in zip(got, ref["spikes"]):
         assert torch.equal(sj.reshape(ref["spikes"][name].shape), ref["spikes"][name]), name
     torch.testing.assert_close(ref["step_logits"], logits, atol=1e-5, rtol=1e-5)
+
+
+def test_usage_errors_are_messages(tmp_path):
+    """Regressions: eval --device tpu and train --out FILE were raw tracebacks; an event .h5 given to
+    eval is read as a netx export (the lava target writes model.netx.h5) and refused by name."""
+    runner = CliRunner(env={"COLUMNS": "400"})
+    res = runner.invoke(app, ["eval", str(tmp_path), "--device", "tpu"])
+    assert res.exit_code == 2 and "--device" in res.output
+    (tmp_path / "f.txt").write_text("x")
+    res = runner.invoke(app, ["train", "--out", str(tmp_path / "f.txt"), "--epochs", "1"])
+    assert res.exit_code == 1 and "is a file" in res.output and "Traceback" not in res.output
+    assert (tmp_path / "f.txt").read_text() == "x"
+    import numpy as np
+
+    from tmkt.data.events import EVENT_DTYPE, write_events
+
+    write_events(tmp_path / "rec.h5", np.zeros(3, EVENT_DTYPE), (4, 4))
+    res = runner.invoke(app, ["eval", str(tmp_path / "rec.h5")])
+    assert res.exit_code == 1 and "not a tmkt netx export" in res.output
+    assert res.output.count(str(tmp_path / "rec.h5")) == 1

@@ -17,6 +17,11 @@ def info(
 
     from tmkt.data.events import EventFileError, read_events, summarize
 
+    from pathlib import Path
+
+    if Path(path).is_dir():
+        typer.echo(f"error: {path} is a folder; give one event file", err=True)
+        raise typer.Exit(code=1)
     try:
         summary = summarize(read_events(path))
     except EventFileError as exc:
@@ -85,6 +90,8 @@ def emulate(
 
     if not Path(images_dir).is_dir():
         raise typer.BadParameter(f"{images_dir}: no such folder", param_hint="IMAGES_DIR")
+    if Path(out_dir).exists() and not Path(out_dir).is_dir():
+        raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="OUT_DIR")
     n = len(list_images(images_dir))
     if n == 0:
         typer.echo(f"error: no images under {images_dir}", err=True)

@@ -46,14 +46,38 @@ def _describe(result) -> str:
     return f"wrote {result}"
 
 
+def _lava_check(path) -> str:
+    """The checks export_lava recorded in the file (simulator vs float graph, lava-dl), as ' (...)'."""
+    try:
+        from tmkt.export.lava import read_meta
+
+        check = read_meta(path).get("check", {})
+    except Exception:  # the file is written and valid; a missing summary is no error
+        return ""
+    parts = []
+    if "float_agreement_random_input" in check:
+        parts.append(f"simulator vs float on {check.get('samples', '?')} random inputs: "
+                     f"{check['float_agreement_random_input']:.0%} agree")
+    lava = check.get("lava")
+    parts.append(f"lava-dl vs simulator: {'identical' if lava.get('identical') else 'differ'}" if lava else "lava-dl check skipped")
+    return " (" + "; ".join(parts) + ")"
+
+
 def export(
     run_dir: Path = typer.Argument(..., help="Run directory (config.json + model.safetensors)."),
     target: str = typer.Option("onnx", "--target", "-t", help="onnx | lava (netx HDF5) | nir."),
     mode: str = typer.Option("unrolled", "--mode", help="ONNX only: unrolled (T steps) | stream (one step + state)."),
     timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="ONNX only: T (default: the run's)."),
-    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX only: opset version (default 17)."),
-    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output file (default: inside RUN_DIR)."),
-    no_verify: bool = typer.Option(False, "--no-verify", help="Skip the check against the PyTorch model."),
+    opset: Optional[int] = typer.Option(None, "--opset", help="ONNX only: opset version, 13..20 (default 17)."),
+    out: Optional[Path] = typer.Option(
+        None, "--out", "-o", help="Output file (default: RUN_DIR/model.<mode>.onnx, model.netx.h5 or model.nir)."
+    ),
+    no_verify: bool = typer.Option(
+        False,
+        "--no-verify",
+        help="Skip the check: onnx/nir outputs against the PyTorch model; lava: lava-dl against the bit-accurate "
+        "simulator (builds a Python 3.10 lava env in ~/.cache/tmkt/lava-env on first use).",
+    ),
 ) -> None:
     """Export a run to ONNX, Loihi lava-dl netx or NIR, checked against PyTorch unless --no-verify."""
     if target not in TARGETS:
@@ -64,6 +88,8 @@ def export(
         raise typer.BadParameter("must be >= 1", param_hint="--timesteps")
     if target != "onnx" and (mode != "unrolled" or timesteps is not None or opset is not None):
         raise typer.BadParameter("--mode, --timesteps and --opset apply to --target onnx only")
+    if out is not None and out.is_dir():
+        raise typer.BadParameter(f"{out} is a folder; give the output file's path", param_hint="--out")
 
     from tmkt.checkpoint import CheckpointError
 
@@ -72,9 +98,9 @@ def export(
         dest = out or Path(run_dir) / "model.netx.h5"
         try:
             result = fn(run_dir, dest, verify=not no_verify)
-        except (CheckpointError, ValueError) as e:
+        except (CheckpointError, ValueError, OSError) as e:
             _fail(str(e))
-        typer.echo(_describe(result))
+        typer.echo(_describe(result) + _lava_check(result))
         return
 
     from tmkt.checkpoint import load_run
@@ -90,7 +116,7 @@ def export(
         dest = out or Path(run_dir) / "model.nir"
         try:
             result = _call(fn, graph, dest, verify=not no_verify)
-        except ValueError as e:
+        except (ValueError, OSError) as e:
             _fail(str(e))
         typer.echo(_describe(result))
         return
@@ -100,7 +126,7 @@ def export(
     dest = out or Path(run_dir) / f"model.{mode}.onnx"
     try:
         written = export_onnx(graph, dest, mode=mode, timesteps=timesteps, opset=opset or DEFAULT_OPSET, verify=False)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         _fail(str(e))
     size_kib = written.stat().st_size / 1024
     typer.echo(f"wrote {written} ({mode}, T={timesteps or graph.meta['timesteps']}, {size_kib:.1f} KiB, onnx.checker: ok)")

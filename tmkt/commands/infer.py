@@ -24,6 +24,16 @@ def _event_files(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _outside_sensor(events, spec) -> int:
+    """How many events binning drops for lying outside the model's sensor (as frames_from_events)."""
+    if len(events) == 0:
+        return 0
+    x, y = events["x"].astype("int64"), events["y"].astype("int64")
+    if spec.binning.get("shift_to_origin", False):
+        x, y = x - x.min(), y - y.min()
+    return int(((x >= spec.sensor_size[0]) | (y >= spec.sensor_size[1])).sum())
+
+
 def infer(
     model: Path = typer.Argument(..., help="ONNX model written by `tmkt export` (unrolled or stream)."),
     events: list[Path] = typer.Argument(..., help="Event files (.bin .aedat4 .npy .npz .h5 .raw .dat) or folders."),
@@ -51,8 +61,8 @@ def infer(
 
     if provider not in PROVIDERS:
         raise typer.BadParameter(f"must be one of {', '.join(PROVIDERS)}", param_hint="--provider")
-    if window_ms is not None and window_ms <= 0:
-        raise typer.BadParameter("must be > 0", param_hint="--window-ms")
+    if window_ms is not None and window_ms * 1000 < 1:  # event times are integer microseconds
+        raise typer.BadParameter(f"must be at least 0.001 (1 µs), got {window_ms:g}", param_hint="--window-ms")
     if state not in (None, "carry", "reset"):
         raise typer.BadParameter("must be carry or reset", param_hint="--state")
     if state is not None and window_ms is None:
@@ -64,15 +74,31 @@ def infer(
     try:
         clf = EventClassifier(model, provider=provider)
     except (MetadataError, InferenceError) as e:
-        typer.echo(f"error: {e}", err=True)
+        hint = "" if model.suffix.lower() == ".onnx" else " (infer takes the .onnx file of `tmkt export --target onnx`)"
+        typer.echo(f"error: {e}{hint}", err=True)
         raise typer.Exit(code=1) from None
     carry = (state or ("carry" if clf.mode == "stream" else "reset")) == "carry"
+    if carry and clf.mode != "stream":
+        raise typer.BadParameter(
+            f"{model.name} is an unrolled model: carrying state needs `tmkt export --mode stream`; or use --state reset",
+            param_hint="--state",
+        )
 
     rows: list[dict] = []
     errors: list[dict] = []
+    warnings: list[dict] = []
+    sensor_w, sensor_h = clf.spec.sensor_size[0], clf.spec.sensor_size[1]
     for f in files:
         try:
             rec = read_events(f)
+            # binning drops events outside the model's sensor: say so, or a cropped input passes silently
+            outside = _outside_sensor(rec.events, clf.spec)
+            if outside:
+                msg = (f"{f}: {outside:,} of {len(rec.events):,} events lie outside the model's {sensor_w}x{sensor_h} "
+                       f"sensor (recording: {rec.sensor_size[0]}x{rec.sensor_size[1]}) and are dropped")
+                warnings.append({"file": str(f), "warning": msg})
+                if not as_json:
+                    typer.echo(f"warning: {msg}", err=True)
             if window_ms is None:
                 preds = [clf.predict(rec.events)]
             else:
@@ -83,6 +109,8 @@ def infer(
             if not as_json:
                 typer.echo(f"error: {e}", err=True)
             continue
+        if not preds and not as_json:
+            typer.echo(f"note: {f}: no events, so no windows to classify", err=True)
         for k, p in enumerate(preds):
             rows.append({"file": str(f), "window": k if window_ms is not None else None, **p.to_dict()})
 
@@ -96,6 +124,7 @@ def infer(
             "class_names": clf.class_names,
             "predictions": rows,
             "errors": errors,
+            "warnings": warnings,
         }
         typer.echo(json.dumps(doc, indent=2))
     elif rows:

@@ -88,7 +88,10 @@ def profile(
     batch_size: int = typer.Option(16, "--batch-size", min=1, help="Samples per batch."),
     energy: bool = typer.Option(False, "--energy", help="Estimate energy per hardware profile."),
     hw: Optional[str] = typer.Option(
-        None, "--hw", help="Comma-separated profile names or .toml paths (default: every built-in); implies --energy."
+        None,
+        "--hw",
+        help="Comma-separated profile names (e.g. loihi,spinnaker2,gpu; list: docs/hw-profiles.md) or .toml paths "
+        "(default: every built-in); implies --energy.",
     ),
     pooled_inputs: str = typer.Option(
         "fold", "--pooled-inputs", help="Pooled spikes: 'fold' (pool folded into the next layer, ACs) or 'mac'."
@@ -115,6 +118,11 @@ def profile(
         raise typer.BadParameter(f"must be one of {', '.join(POOLED_MODES)}", param_hint="--pooled-inputs")
     if plot is not None and plot.suffix.lower() != ".png":
         raise typer.BadParameter("the plot is written as PNG: give a .png path", param_hint="--plot")
+    for opt, path in (("--json", json_out), ("--plot", plot)):
+        if path is not None and path.is_dir():  # checked now, not after minutes of profiling
+            raise typer.BadParameter(f"{path} is a folder; give the output file's path", param_hint=opt)
+    if hw is not None and not any(part.strip() for part in hw.split(",")):
+        raise typer.BadParameter("names no profile", param_hint="--hw")
     profiles = []
     if energy or hw is not None:
         try:
@@ -167,9 +175,12 @@ def profile(
         console.print("\n".join(notes), markup=False, highlight=False)
     meta = {"run": str(run_dir), **source, "backbone": graph.meta.get("backbone"), "method": graph.meta.get("method")}
     doc = profile_dict(prof, estimates, meta)
-    if json_out is not None:
-        write_json(json_out, doc)
-        console.print(f"wrote {json_out}")
-    if plot is not None:
-        plot_profile(prof, estimates, plot)
-        console.print(f"wrote {plot}")
+    try:
+        if json_out is not None:
+            write_json(json_out, doc)
+            console.print(f"wrote {json_out}")
+        if plot is not None:
+            plot_profile(prof, estimates, plot)
+            console.print(f"wrote {plot}")
+    except OSError as e:
+        raise _fail(f"cannot write: {e}") from None

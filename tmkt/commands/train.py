@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 _SETTINGS = "Settings (override --config)"
+NETX_SUFFIXES = (".net", ".h5", ".hdf5")
 
 
 def _fail(message: str, code: int = 1) -> None:
@@ -122,13 +123,15 @@ def train_command(
             cfg = resume_config(resume, flags)
         else:
             cfg = build_config(config, flags)
+        if cfg.out is not None and Path(cfg.out).exists() and not Path(cfg.out).is_dir():
+            raise TrainingError(f"--out {cfg.out} is a file; the run directory must be a folder")
         result = train(cfg, console=console, resume=resume, overwrite=overwrite)
     except TrainingInterrupted as e:
         raise typer.Exit(e.exit_code) from None
     except KeyboardInterrupt:
         typer.secho("interrupted (files already in the run directory stay valid: every write is atomic)", err=True)
         raise typer.Exit(130) from None
-    except (ConfigError, TrainingError, CheckpointError, FileNotFoundError, ValueError) as e:
+    except (ConfigError, TrainingError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. --out is a file
         _fail(str(e))
     else:
         import os
@@ -139,7 +142,7 @@ def train_command(
 
 
 def eval_command(
-    run: Path = typer.Argument(..., help="Run directory (or a Loihi netx export ending in .net)."),
+    run: Path = typer.Argument(..., help="Run directory, or a Loihi netx export file (.net, .h5, .hdf5)."),
     split: str = typer.Option("test", help="test | val."),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the run's)."),
     data_root: Optional[str] = typer.Option(None, help="Folder of the event recordings (default: the run's)."),
@@ -157,8 +160,10 @@ def eval_command(
 
     if split not in ("test", "val"):
         raise typer.BadParameter(f"must be test or val, got {split!r}", param_hint="--split")
+    if device not in ("auto", "cpu", "cuda"):
+        raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
     options = _parse_options(option)
-    if run.suffix == ".net" and run.is_file():
+    if run.suffix.lower() in NETX_SUFFIXES and run.is_file():  # `tmkt export --target lava` writes model.netx.h5
         _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size), as_json)
         return
     from tmkt.train.trainer import TrainingError, resolve_device
@@ -219,7 +224,7 @@ def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_
             path, dataset, split, data_root=data_root, options=options, cache_dir=cache_dir, batch_size=batch_size
         )
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        _fail(f"{path}: {e}")
+        _fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
 
 
 def _print_netx(result: dict, as_json: bool) -> None:
