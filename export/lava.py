@@ -36,6 +36,7 @@ from typing import Any
 
 import numpy as np
 
+from tmkt.checkpoint import default_file_mode
 from tmkt.export.quantize import CubaParams, LavaExportError, QLayer, QuantizedNet, quantize_graph
 
 FORMAT = "tmkt-netx/1"
@@ -135,6 +136,7 @@ def write_netx(net: QuantizedNet, path: str | Path) -> Path:
             m.create_dataset("scales", data=np.asarray([q.scale for q in net.layers], np.float64))
             m.create_dataset("class_names", data=[str(c).encode() for c in meta.get("class_names", [])] or [b""])
             m.create_dataset("tmkt_version", data=str(meta.get("tmkt_version", "")))
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from tmkt.checkpoint import default_file_mode
 from tmkt.export.graph import Conv2d, Dense, DeployGraph, GraphError, init_state, lif_charge, step_graph
 from tmkt.export.metadata import MetadataError, decode_metadata, encode_metadata, graph_metadata
 
@@ -244,6 +245,7 @@ def export_onnx(
             report = verify_onnx(graph, tmp)
             if not report.ok:
                 raise OnnxVerificationError(f"{path}: onnxruntime disagrees with PyTorch: {report.summary()}", report)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

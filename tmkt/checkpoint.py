@@ -73,6 +73,13 @@ def versions() -> dict[str, str]:
     }
 
 
+def default_file_mode() -> int:
+    """The mode a plain `open()` would give a new file (mkstemp's files are owner-only)."""
+    mask = os.umask(0)
+    os.umask(mask)
+    return 0o666 & ~mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
     """Write `data` to `path` through a temporary file and a rename."""
     path = Path(path)
@@ -83,6 +90,7 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -102,6 +110,7 @@ def save_weights(path: Path, state: dict[str, torch.Tensor], metadata: dict[str,
     os.close(fd)
     try:
         save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, tmp, metadata=metadata)
+        os.chmod(tmp, default_file_mode())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

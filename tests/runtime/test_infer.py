@@ -230,3 +230,12 @@ def test_cli_infer_warns_about_events_outside_the_sensor(models, tmp_path):
     assert doc["warnings"][0]["file"].endswith("wide.npz") and "37 of 500 events" in doc["warnings"][0]["warning"]
     res = CliRunner(env={"COLUMNS": "400"}).invoke(app, ["infer", str(models["unrolled"]), str(tmp_path / "wide.npz")])
     assert res.exit_code == 0 and "warning:" in res.output and "are dropped" in res.output
+
+
+def test_cli_infer_flags_an_empty_recording(models, tmp_path):
+    write_events(tmp_path / "empty.npz", np.zeros(0, EVENT_DTYPE), SENSOR)
+    res = CliRunner().invoke(app, ["infer", str(models["unrolled"]), str(tmp_path / "empty.npz"), "--json"])
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.output)
+    assert len(doc["predictions"]) == 1 and doc["predictions"][0]["events"] == 0
+    assert any("no events" in w["warning"] for w in doc["warnings"])

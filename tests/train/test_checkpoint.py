@@ -110,3 +110,20 @@ def test_resume_state_is_pickle_free_and_checked(run_dir, tmp_path):
     (path / "resume.safetensors").unlink()
     with pytest.raises(CheckpointError, match="resume.safetensors"):
         trainer.load_resume_state(path)
+
+
+def test_atomic_writes_get_the_umask_mode_not_owner_only(tmp_path):
+    import os
+
+    import torch
+
+    from tmkt.checkpoint import atomic_write_json, save_weights
+
+    old = os.umask(0o022)
+    try:
+        atomic_write_json(tmp_path / "c.json", {"a": 1})
+        save_weights(tmp_path / "w.safetensors", {"x": torch.zeros(2)})
+    finally:
+        os.umask(old)
+    for name in ("c.json", "w.safetensors"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644

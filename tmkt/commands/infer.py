@@ -99,6 +99,12 @@ def infer(
                 warnings.append({"file": str(f), "warning": msg})
                 if not as_json:
                     typer.echo(f"warning: {msg}", err=True)
+            if len(rec.events) == 0 and window_ms is None:
+                # an empty recording still yields a (bias-driven) prediction: flag it, never pass it off silently
+                msg = f"{f}: the recording holds no events; its prediction reflects the network's biases only"
+                warnings.append({"file": str(f), "warning": msg})
+                if not as_json:
+                    typer.echo(f"warning: {msg}", err=True)
             if window_ms is None:
                 preds = [clf.predict(rec.events)]
             else:
