@@ -94,6 +94,8 @@ def train_command(
     """Train a spiking network (TMKT by default; with no arguments: on the built-in digits set, a few minutes on a CPU).
 
     Settings come from the defaults, the data set's preset, --config FILE.yaml and then the flags.
+    Presets: digits T=8, 32x32, small backbone, 10 epochs, batch 32, lr 5e-3;
+    ncaltech101 / cifar10dvs T=10, 48x48, vgg, 300 epochs, batch 120, lr 5e-3*batch/1024 (the paper's).
     Ctrl-C saves the run (exit 130); continue it with --resume RUN_DIR. Under
     `torchrun --nproc-per-node N -m tmkt train ...` it trains data-parallel.
     """
