@@ -27,7 +27,6 @@ layers) is the integer logit sum. See docs/loihi.md.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import tempfile
 import time
@@ -36,8 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from tmkt.checkpoint import default_file_mode
 from tmkt.export.quantize import CubaParams, LavaExportError, QLayer, QuantizedNet, quantize_graph
+from tmkt.fileio import atomic_path
 
 FORMAT = "tmkt-netx/1"
 INPUT_NEURON = CubaParams(i_decay=4096, v_decay=4096, v_th_mant=0)  # a_in >= 1 -> one spike
@@ -87,60 +86,51 @@ def write_netx(net: QuantizedNet, path: str | Path) -> Path:
     import h5py
 
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        with h5py.File(tmp, "w") as f:
-            layers = f.create_group("layer")
-            idx = 0
+    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+        layers = f.create_group("layer")
+        idx = 0
 
-            def new(kind: str) -> Any:
-                nonlocal idx
-                g = layers.create_group(str(idx))
-                g.create_dataset("type", data=np.bytes_(kind))
-                idx += 1
-                return g
+        def new(kind: str) -> Any:
+            nonlocal idx
+            g = layers.create_group(str(idx))
+            g.create_dataset("type", data=np.bytes_(kind))
+            idx += 1
+            return g
 
-            g = new("input")
-            g.create_dataset("shape", data=np.asarray(net.input_shape, np.int64))
-            _neuron(g, INPUT_NEURON)
-            for q in net.layers:
-                if q.flatten:
-                    g = new("flatten")
-                    g.create_dataset("shape", data=np.asarray([int(np.prod(q.in_shape))], np.int64))
-                g = new(q.kind)
-                g.attrs["tmkt_name"] = q.name
-                g.attrs["scale"] = q.scale
-                g.attrs["readout"] = q.readout
-                g.create_dataset("shape", data=np.asarray(q.out_shape, np.int64))
-                if q.kind == "conv":
-                    g.create_dataset("inChannels", data=np.int64(q.in_shape[0]))
-                    g.create_dataset("outChannels", data=np.int64(q.out_shape[0]))
-                    g.create_dataset("kernelSize", data=np.asarray(q.weight.shape[2:], np.int64))
-                    for key, val in (("stride", q.stride), ("padding", q.padding), ("dilation", q.dilation)):
-                        g.create_dataset(key, data=np.asarray(val, np.int64))
-                    g.create_dataset("groups", data=np.int64(q.groups))
-                else:
-                    g.create_dataset("inFeatures", data=np.int64(q.weight.shape[1]))
-                    g.create_dataset("outFeatures", data=np.int64(q.weight.shape[0]))
-                g.create_dataset("weight", data=q.weight.astype(np.int32))
-                g.create_dataset("bias", data=q.bias.astype(np.int32))
-                _neuron(g, q.neuron)
-            meta = _meta(net)
-            m = f.create_group("meta")
-            m.create_dataset("json", data=json.dumps(meta, sort_keys=True))
-            m.create_dataset("timesteps", data=np.int64(meta.get("timesteps", 1)))
-            m.create_dataset("reset_interval", data=np.int64(meta["reset_interval"]))
-            m.create_dataset("input_shape", data=np.asarray(net.input_shape, np.int64))
-            m.create_dataset("scales", data=np.asarray([q.scale for q in net.layers], np.float64))
-            m.create_dataset("class_names", data=[str(c).encode() for c in meta.get("class_names", [])] or [b""])
-            m.create_dataset("tmkt_version", data=str(meta.get("tmkt_version", "")))
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        g = new("input")
+        g.create_dataset("shape", data=np.asarray(net.input_shape, np.int64))
+        _neuron(g, INPUT_NEURON)
+        for q in net.layers:
+            if q.flatten:
+                g = new("flatten")
+                g.create_dataset("shape", data=np.asarray([int(np.prod(q.in_shape))], np.int64))
+            g = new(q.kind)
+            g.attrs["tmkt_name"] = q.name
+            g.attrs["scale"] = q.scale
+            g.attrs["readout"] = q.readout
+            g.create_dataset("shape", data=np.asarray(q.out_shape, np.int64))
+            if q.kind == "conv":
+                g.create_dataset("inChannels", data=np.int64(q.in_shape[0]))
+                g.create_dataset("outChannels", data=np.int64(q.out_shape[0]))
+                g.create_dataset("kernelSize", data=np.asarray(q.weight.shape[2:], np.int64))
+                for key, val in (("stride", q.stride), ("padding", q.padding), ("dilation", q.dilation)):
+                    g.create_dataset(key, data=np.asarray(val, np.int64))
+                g.create_dataset("groups", data=np.int64(q.groups))
+            else:
+                g.create_dataset("inFeatures", data=np.int64(q.weight.shape[1]))
+                g.create_dataset("outFeatures", data=np.int64(q.weight.shape[0]))
+            g.create_dataset("weight", data=q.weight.astype(np.int32))
+            g.create_dataset("bias", data=q.bias.astype(np.int32))
+            _neuron(g, q.neuron)
+        meta = _meta(net)
+        m = f.create_group("meta")
+        m.create_dataset("json", data=json.dumps(meta, sort_keys=True))
+        m.create_dataset("timesteps", data=np.int64(meta.get("timesteps", 1)))
+        m.create_dataset("reset_interval", data=np.int64(meta["reset_interval"]))
+        m.create_dataset("input_shape", data=np.asarray(net.input_shape, np.int64))
+        m.create_dataset("scales", data=np.asarray([q.scale for q in net.layers], np.float64))
+        m.create_dataset("class_names", data=[str(c).encode() for c in meta.get("class_names", [])] or [b""])
+        m.create_dataset("tmkt_version", data=str(meta.get("tmkt_version", "")))
     return path
 
 

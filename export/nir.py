@@ -35,6 +35,7 @@ from tmkt.export.graph import (
     Input,
     run_graph,
 )
+from tmkt.fileio import atomic_path
 
 DT = 1.0  # one time step
 
@@ -182,10 +183,8 @@ def export_nir(g: DeployGraph, out: str | Path, verify: bool = True) -> dict[str
     Returns {"path", "max_abs_logit_diff", "spikes_identical"} (the last two only with verify).
     """
     out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    nir.write(tmp, graph_to_nir(g))
-    tmp.replace(out)
+    with atomic_path(out) as tmp:
+        nir.write(tmp, graph_to_nir(g))
     report: dict[str, Any] = {"path": str(out)}
     if verify:
         back = read_nir(out)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,9 +36,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tmkt.checkpoint import default_file_mode
 from tmkt.export.graph import Conv2d, Dense, DeployGraph, GraphError, init_state, lif_charge, step_graph
 from tmkt.export.metadata import MetadataError, decode_metadata, encode_metadata, graph_metadata
+from tmkt.fileio import atomic_path
 
 MODES = ("unrolled", "stream")
 DEFAULT_OPSET = 17
@@ -235,21 +234,13 @@ def export_onnx(
     if len(data) > _MAX_BYTES:
         raise GraphError(f"model is {len(data) / 2**30:.2f} GiB: over the 2 GB ONNX limit for embedded weights")
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".onnx")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        onnx.checker.check_model(tmp, full_check=True)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        tmp.write_bytes(data)
+        onnx.checker.check_model(str(tmp), full_check=True)
         if verify:
             report = verify_onnx(graph, tmp)
             if not report.ok:
                 raise OnnxVerificationError(f"{path}: onnxruntime disagrees with PyTorch: {report.summary()}", report)
-        os.chmod(tmp, default_file_mode())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
     return path
 
 

@@ -33,6 +33,7 @@ from torch.utils.data import Dataset
 from tmkt.data import events as events_io
 from tmkt.data.spec import DataSpec, frames_from_events
 from tmkt.data.static import CIFAR10_CLASSES, repeat_frames
+from tmkt.fileio import atomic_path
 
 CACHE_VERSION = 1
 
@@ -234,10 +235,8 @@ def cached_frames(path: str | Path, spec: DataSpec, cache_dir: str | Path) -> np
             pass  # a torn or foreign file: bin again and overwrite it
     rec = events_io.read_events(path, sensor_size=None)
     frames = frames_from_events(rec.events, spec)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{key}.{os.getpid()}.tmp.npy")
-    np.save(tmp, frames)
-    os.replace(tmp, target)  # atomic: concurrent workers never read half a file
+    with atomic_path(target, suffix=".npy") as tmp, open(tmp, "wb") as fh:  # workers never read half a file
+        np.save(fh, frames)
     return frames
 
 

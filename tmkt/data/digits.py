@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, fields, replace
 from pathlib import Path
 
@@ -31,6 +30,7 @@ from tmkt.data.datasets import ArrayEventDataset, PairedDataset, default_cache_d
 from tmkt.data.emulator import EmulatorConfig, emulate_batch, sensor_size_for
 from tmkt.data.spec import DEFAULT_BINNING, DataBundle, DataSpec, frames_from_events
 from tmkt.data.static import ArrayStaticPool, resize_bilinear
+from tmkt.fileio import atomic_path
 
 CACHE_VERSION = 1
 CLASS_NAMES = tuple(str(d) for d in range(10))
@@ -112,10 +112,8 @@ def digits_pools(
     n, t = frames.shape[:2]
     frames = resize_frames(frames.reshape(n * t, 2, h, w), spec.input_size).reshape(n, t, 2, *spec.input_size)
     pools = {"static": images[:half], "static_labels": labels[:half], "frames": frames, "labels": labels[half:]}
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.with_name(f"{key}.{os.getpid()}.tmp.npz")
-    np.savez(tmp, **pools)
-    os.replace(tmp, target)  # atomic: a concurrent build never reads half a file
+    with atomic_path(target, suffix=".npz") as tmp, open(tmp, "wb") as fh:  # a concurrent build never reads half a file
+        np.savez(fh, **pools)
     return pools
 
 

@@ -33,6 +33,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tmkt.fileio import atomic_path
+
 EVENT_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "u1")])
 
 READ_SUFFIXES = (".bin", ".aedat4", ".npy", ".npz", ".h5", ".hdf5", ".raw", ".dat")
@@ -499,8 +501,12 @@ def write_events(path: str | os.PathLike, events: np.ndarray, sensor_size) -> No
         raise EventFileError(f"{target}: cannot write suffix {suffix!r}; expected one of {', '.join(WRITE_SUFFIXES)}")
     size = _normalize_sensor_size(sensor_size, target)
     events = validate_events(events, size, target)
-    tmp = f"{target}.tmp{os.getpid()}{suffix}"
-    try:
+    if suffix == ".bin":
+        if size[0] > 256 or size[1] > _ATIS_OVERFLOW_Y:
+            raise EventFileError(f"{target}: .bin holds 8-bit coordinates with y < 240; sensor {size[:2]} is too large")
+        if len(events) and events["t"][0] < 0:
+            raise EventFileError(f"{target}: .bin cannot store negative timestamps")
+    with atomic_path(target, suffix=suffix) as tmp:
         if suffix == ".npz":
             with open(tmp, "wb") as fh:
                 np.savez(fh, x=events["x"], y=events["y"], t=events["t"], p=events["p"], sensor_size=np.array(size))
@@ -515,16 +521,8 @@ def write_events(path: str | os.PathLike, events: np.ndarray, sensor_size) -> No
                     fh.create_dataset(name, data=events[name])
                 fh.attrs["sensor_size"] = np.array(size)
         else:
-            if size[0] > 256 or size[1] > _ATIS_OVERFLOW_Y:
-                raise EventFileError(f"{target}: .bin holds 8-bit coordinates with y < 240; sensor {size[:2]} is too large")
-            if len(events) and events["t"][0] < 0:
-                raise EventFileError(f"{target}: .bin cannot store negative timestamps")
             with open(tmp, "wb") as fh:
                 fh.write(_encode_atis(events))
-        os.replace(tmp, target)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 # --------------------------------------------------------------------------- summary
