@@ -10,15 +10,7 @@ from tmkt.train.tsm import time_step_mixup
 
 B, T, K, H = 8, 4, 4, 16
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # The machine's 2 cores are shared: with several intra-op threads, tiny ops spin-wait and
-    # run 10x slower under load. One thread keeps this file at a few seconds.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _model(seed: int = 0):

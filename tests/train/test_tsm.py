@@ -8,14 +8,7 @@ import torch
 
 from tmkt.train.tsm import expected_event_frames, sample_switch_steps, solve_switch_prob, time_step_mixup
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    # 2 shared cores: extra intra-op threads only spin-wait under load.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _expected_by_definition(p: float, T: int) -> float:
