@@ -354,9 +354,11 @@ class _Builder:
         self.inputs: dict[str, tuple[str, ...]] = {}
         self.counts: dict[str, int] = {}
 
-    def add(self, kind: str, node: Node, inputs: tuple[str, ...]) -> str:
-        self.counts[kind] = self.counts.get(kind, 0) + 1
-        name = f"{kind}{self.counts[kind]}"
+    def add(self, kind: str, node: Node, inputs: tuple[str, ...], name: str | None = None) -> str:
+        """Append `node`, named `name` or `<kind><n>` (n counts that kind from 1)."""
+        if name is None:
+            self.counts[kind] = self.counts.get(kind, 0) + 1
+            name = f"{kind}{self.counts[kind]}"
         self.nodes[name] = node
         self.inputs[name] = inputs
         return name
@@ -455,10 +457,7 @@ def lower(model: nn.Module, meta: dict[str, Any] | None = None) -> DeployGraph:
     cur = b.add("input", Input(shape), ())
     cur = _lower_seq(list(model.trunk), b, cur)
     head = model.event_head
-    cur = b.add("dense", Dense(head.weight.detach().float().numpy(), head.bias.detach().float().numpy()), (cur,))
-    # rename the classifier for readability
-    b.nodes["head"] = b.nodes.pop(cur)
-    b.inputs["head"] = b.inputs.pop(cur)
+    b.add("dense", Dense(head.weight.detach().float().numpy(), head.bias.detach().float().numpy()), (cur,), name="head")
     _resolve_global_pools(b)
     return DeployGraph(b.nodes, b.inputs, output="head", meta=dict(meta or {}))
 
