@@ -358,7 +358,7 @@ def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "te
     """
     import torch
 
-    from tmkt.data.registry import build_data
+    from tmkt.data.registry import build_data, build_data_for_run
     from tmkt.runtime.loihi_sim import simulate, to_spikes
 
     meta = read_meta(path)
@@ -370,7 +370,7 @@ def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "te
     size = tuple(meta["input_shape"][1:])
     if split not in ("test", "val", "train"):
         raise ValueError(f"split must be test, val or train, got {split!r}")
-    graph, stored = None, {}
+    graph, run = None, None
     src = Path(run_dir) if run_dir else (Path(meta["source_run"]) if meta.get("source_run") else None)
     if src is not None and (src / "config.json").exists():
         from tmkt.checkpoint import load_run
@@ -378,15 +378,13 @@ def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "te
 
         run = load_run(src)
         graph = lower_run(run)
-        stored = run.config.get("train", {})
-    if options is None and name == meta.get("dataset"):
-        # the run's own data options (emulator settings, seed) and binning: the data it was tested on
-        options = dict(stored.get("data_options") or {})
-        options.update({k: meta["binning"][k] for k in ("by", "binary") if k in meta.get("binning", {})})
-        seed = int(stored.get("seed", seed))
-        data_root = data_root if data_root is not None else stored.get("data_root")
-    bundle = build_data(name, timesteps=t, input_size=size, data_root=data_root, cache_dir=cache_dir, seed=seed,
-                        options=options)
+    if run is not None:  # the data the run was trained and tested on
+        bundle = build_data_for_run(run.config, dataset=name, data_root=data_root, cache_dir=cache_dir, options=options)
+    else:  # only the file: its binning, the given seed
+        if options is None:
+            options = {k: meta["binning"][k] for k in ("by", "binary") if k in meta.get("binning", {})}
+        bundle = build_data(name, timesteps=t, input_size=size, data_root=data_root, cache_dir=cache_dir, seed=seed,
+                            options=options or None)
     ds = getattr(bundle, split)
     n_total = len(ds) if limit is None else min(limit, len(ds))
     q_ok = f_ok = fb_ok = agree = in_range = 0

@@ -16,7 +16,7 @@ import tmkt.data.datasets as ds
 from tmkt.data.digits import digits_images
 from tmkt.data.emulator import EmulatorConfig, emulate
 from tmkt.data.events import EVENT_DTYPE, Recording, write_events
-from tmkt.data.registry import build_data, frames_from_events
+from tmkt.data.registry import build_data, build_data_for_run, frames_from_events
 from tmkt.data.spec import DataSpec
 from tmkt.data.static import (
     hsv_value,
@@ -418,3 +418,23 @@ def test_digits_build_is_deterministic_and_keyed_by_emulator_options(tmp_path):
     assert noisy.test.frames(3).sum() > a.test.frames(3).sum()
     with pytest.raises(ValueError, match="unknown digits options"):
         build_data("digits", timesteps=3, options={"noise": 1.0})
+
+
+def test_build_data_for_run_rebuilds_the_runs_own_test_split(digits):
+    _, cache = digits
+    # a run trained with its own seed, emulator option and count frames (not today's binary default)
+    options = {"noise_rate": 2.0}
+    config = {
+        "data": {"name": "digits", "timesteps": 4, "input_size": [32, 32],
+                 "binning": {"by": "time", "binary": False}},
+        "train": {"seed": 3, "data_options": options, "event_fraction": 1.0, "data_root": None, "cache_dir": str(cache)},
+    }
+    want = build_data("digits", timesteps=4, input_size=(32, 32), seed=3, cache_dir=str(cache),
+                      options={**options, "by": "time", "binary": False})
+    got = build_data_for_run(config)
+    assert got.spec == want.spec and len(got.test) == len(want.test)
+    for i in (0, len(want.test) // 2, len(want.test) - 1):
+        np.testing.assert_array_equal(np.asarray(got.test[i][0]), np.asarray(want.test[i][0]))
+        assert got.test[i][1] == want.test[i][1]
+    default = build_data("digits", timesteps=4, input_size=(32, 32), cache_dir=str(cache))
+    assert not np.array_equal(np.asarray(default.test[0][0]), np.asarray(got.test[0][0]))

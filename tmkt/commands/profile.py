@@ -46,23 +46,15 @@ def _dataset_frames(run, name: str, data_root: Optional[Path], cache_dir: Option
     """N evenly spaced samples of the test split, binned as the run was trained."""
     import numpy as np
 
-    from tmkt.data.registry import build_data
+    from tmkt.data.registry import build_data_for_run
 
-    data = run.data
-    binning = data.get("binning", {})
-    options = dict(data.get("options") or {})
-    options.update({k: binning[k] for k in ("by", "binary") if k in binning})
-    root = str(data_root) if data_root is not None else data.get("data_root")
     with console.status(f"building data set {name!r}"):
         try:
-            bundle = build_data(
-                name,
-                timesteps=run.timesteps,
-                input_size=tuple(data["input_size"]),
-                data_root=root,
-                seed=int(data.get("seed", 0)),
+            bundle = build_data_for_run(
+                run.config,
+                dataset=name,
+                data_root=None if data_root is None else str(data_root),
                 cache_dir=None if cache_dir is None else str(cache_dir),
-                options=options or None,
             )
         except (ValueError, FileNotFoundError, OSError) as e:
             raise _fail(f"data set {name!r}: {e}") from None

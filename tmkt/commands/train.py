@@ -180,27 +180,14 @@ def eval_command(
 
 def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, device) -> dict:
     from tmkt.checkpoint import load_run
-    from tmkt.data.registry import build_data
+    from tmkt.data.registry import build_data_for_run
     from tmkt.train.evaluate import evaluate
 
     loaded = load_run(run, weights_name=weights)
-    stored = loaded.config.get("train", {})
-    data = loaded.data
-    name = dataset or data["name"]
-    if options is None:
-        options = dict(stored.get("data_options") or {})
-        if name == data["name"]:  # bin events exactly as the model was trained, whatever today's defaults
-            options.update({k: data["binning"][k] for k in ("by", "binary") if k in data["binning"]})
-    bundle = build_data(
-        name,
-        timesteps=loaded.timesteps,
-        input_size=tuple(data["input_size"]),
-        data_root=data_root if data_root is not None else stored.get("data_root"),
-        static_root=None,  # evaluation reads events only
-        event_fraction=event_fraction if event_fraction is not None else stored.get("event_fraction", 1.0),
-        seed=int(stored.get("seed", 0)),
-        cache_dir=cache_dir if cache_dir is not None else stored.get("cache_dir"),
-        options=options or None,
+    name = dataset or loaded.data["name"]
+    bundle = build_data_for_run(
+        loaded.config, dataset=name, data_root=data_root, cache_dir=cache_dir, options=options,
+        event_fraction=event_fraction,
     )
     if list(bundle.spec.class_names) != loaded.class_names:
         raise ValueError(

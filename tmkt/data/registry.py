@@ -41,7 +41,7 @@ from tmkt.data.datasets import (
 from tmkt.data.spec import DEFAULT_BINNING, DataBundle, DataSpec, frames_from_events
 from tmkt.data.static import ArrayStaticPool, FolderStaticPool, caltech101_pool, read_cifar10, read_mnist
 
-__all__ = ["NAMES", "DataBundle", "DataSpec", "build_data", "frames_from_events"]
+__all__ = ["NAMES", "DataBundle", "DataSpec", "build_data", "build_data_for_run", "frames_from_events"]
 
 NAMES = ("digits", "ncaltech101", "cifar10dvs", "nmnist", "dvsgesture")
 
@@ -104,6 +104,40 @@ def build_data(
         )
     return _build_real(name, timesteps, input_size, data_root, static_root, event_fraction, seed, cache_dir, options)
 
+
+
+def build_data_for_run(
+    config: dict,
+    *,
+    dataset: str | None = None,
+    data_root: str | None = None,
+    cache_dir: str | None = None,
+    options: dict | None = None,
+    event_fraction: float | None = None,
+) -> DataBundle:
+    """The data a run was trained and tested on, rebuilt from its `config.json` (as a dict).
+
+    Same T, input size, seed, data root, cache and event fraction as the run (the `train` section),
+    the run's binning (`data.binning`: the network sees frames as in training, whatever today's
+    defaults are) and, for its own data set, its data options; the keyword arguments override.
+    Static images are not loaded.
+    """
+    data, stored = config["data"], config.get("train", {})
+    name = dataset or data["name"]
+    if options is None:
+        options = dict(stored.get("data_options") or {}) if name == data["name"] else {}
+        options.update({k: data["binning"][k] for k in ("by", "binary") if k in data["binning"]})
+    return build_data(
+        name,
+        timesteps=int(data["timesteps"]),
+        input_size=tuple(data["input_size"]),
+        data_root=data_root if data_root is not None else stored.get("data_root"),
+        static_root=None,
+        event_fraction=event_fraction if event_fraction is not None else stored.get("event_fraction", 1.0),
+        seed=int(stored.get("seed", 0)),
+        cache_dir=cache_dir if cache_dir is not None else stored.get("cache_dir"),
+        options=options or None,
+    )
 
 def _build_real(name, timesteps, input_size, data_root, static_root, event_fraction, seed, cache_dir, options):
     options = dict(options or {})
