@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import typer
 
+from tmkt.commands import fail
+
 data_app = typer.Typer(help="Inspect event recordings and emulate a DVS over image folders.", no_args_is_help=True)
 
 
@@ -20,13 +22,11 @@ def info(
     from pathlib import Path
 
     if Path(path).is_dir():
-        typer.echo(f"error: {path} is a folder; give one event file", err=True)
-        raise typer.Exit(code=1)
+        fail(f"{path} is a folder; give one event file")
     try:
         summary = summarize(read_events(path))
     except EventFileError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        raise typer.Exit(code=1) from None
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(summary, indent=2))
         return
@@ -94,8 +94,7 @@ def emulate(
         raise typer.BadParameter(f"{out_dir} is a file, not a folder", param_hint="OUT_DIR")
     n = len(list_images(images_dir))
     if n == 0:
-        typer.echo(f"error: no images under {images_dir}", err=True)
-        raise typer.Exit(code=1)
+        fail(f"no images under {images_dir}")
     with Progress(transient=True) as progress:
         task = progress.add_task("emulating", total=n)
         try:
@@ -103,8 +102,7 @@ def emulate(
                 images_dir, out_dir, fmt=fmt, config=config, fit=fit_size, on_file=lambda _: progress.advance(task)
             )
         except ValueError as exc:
-            typer.echo(f"error: {exc}", err=True)
-            raise typer.Exit(code=1) from None
+            fail(str(exc))
     console = Console()
     console.print(
         f"{summary['written']}/{summary['files']} images -> {out_dir} ({fmt}), "

@@ -7,12 +7,9 @@ from typing import Optional
 
 import typer
 
+from tmkt.commands import fail
+
 TARGETS = ("onnx", "lava", "nir")
-
-
-def _fail(message: str) -> None:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code=1)
 
 
 def _target_function(target: str, name: str):
@@ -22,10 +19,10 @@ def _target_function(target: str, name: str):
     try:
         module = importlib.import_module(f"tmkt.export.{target}")
     except ImportError as e:
-        _fail(f"target {target!r} is not available in this installation (tmkt.export.{target}: {e})")
+        fail(f"target {target!r} is not available in this installation (tmkt.export.{target}: {e})")
     fn = getattr(module, name, None)
     if fn is None:
-        _fail(f"target {target!r} is not available: tmkt.export.{target} has no {name}()")
+        fail(f"target {target!r} is not available: tmkt.export.{target} has no {name}()")
     return fn
 
 
@@ -99,7 +96,7 @@ def export(
         try:
             result = fn(run_dir, dest, verify=not no_verify)
         except (CheckpointError, ValueError, OSError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(_describe(result) + _lava_check(result))
         return
 
@@ -109,7 +106,7 @@ def export(
     try:
         graph = lower_run(load_run(run_dir))
     except (CheckpointError, ValueError) as e:  # GraphError is a ValueError
-        _fail(str(e))
+        fail(str(e))
 
     if target == "nir":
         fn = _target_function("nir", "export_nir")
@@ -117,7 +114,7 @@ def export(
         try:
             result = _call(fn, graph, dest, verify=not no_verify)
         except (ValueError, OSError) as e:
-            _fail(str(e))
+            fail(str(e))
         typer.echo(_describe(result))
         return
 
@@ -127,7 +124,7 @@ def export(
     try:
         written = export_onnx(graph, dest, mode=mode, timesteps=timesteps, opset=opset or DEFAULT_OPSET, verify=False)
     except (ValueError, OSError) as e:
-        _fail(str(e))
+        fail(str(e))
     size_kib = written.stat().st_size / 1024
     typer.echo(f"wrote {written} ({mode}, T={timesteps or graph.meta['timesteps']}, {size_kib:.1f} KiB, onnx.checker: ok)")
     if no_verify:
@@ -137,7 +134,7 @@ def export(
     typer.echo(f"onnxruntime vs PyTorch: {report.summary()}")
     if not report.ok:
         written.unlink()
-        _fail(f"verification failed, {written} removed")
+        fail(f"verification failed, {written} removed")
 
 
 def register(app: typer.Typer) -> None:

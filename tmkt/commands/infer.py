@@ -7,6 +7,8 @@ from typing import Optional
 
 import typer
 
+from tmkt.commands import fail
+
 
 def _event_files(paths: list[Path]) -> list[Path]:
     """Files as given; folders expand to their event files (recursively, sorted)."""
@@ -68,15 +70,13 @@ def infer(
     if state is not None and window_ms is None:
         raise typer.BadParameter("--state applies with --window-ms only", param_hint="--state")
     if not model.is_file():
-        typer.echo(f"error: {model}: no such model file", err=True)
-        raise typer.Exit(code=1)
+        fail(f"{model}: no such model file")
     files = _event_files(events)
     try:
         clf = EventClassifier(model, provider=provider)
     except (MetadataError, InferenceError) as e:
         hint = "" if model.suffix.lower() == ".onnx" else " (infer takes the .onnx file of `tmkt export --target onnx`)"
-        typer.echo(f"error: {e}{hint}", err=True)
-        raise typer.Exit(code=1) from None
+        fail(f"{e}{hint}")
     carry = (state or ("carry" if clf.mode == "stream" else "reset")) == "carry"
     if carry and clf.mode != "stream":
         raise typer.BadParameter(

@@ -7,15 +7,11 @@ from typing import Optional
 
 import typer
 
+from tmkt.commands import fail
+
 
 def register(app: typer.Typer) -> None:
     app.command("profile")(profile)
-
-
-def _fail(msg: str) -> typer.Exit:
-    # plain echo: paths in messages must not be wrapped or styled
-    typer.echo(f"error: {msg}", err=True)
-    return typer.Exit(code=1)
 
 
 def _frames_file(path: Path, n: int):
@@ -57,10 +53,10 @@ def _dataset_frames(run, name: str, data_root: Optional[Path], cache_dir: Option
                 cache_dir=None if cache_dir is None else str(cache_dir),
             )
         except (ValueError, FileNotFoundError, OSError) as e:
-            raise _fail(f"data set {name!r}: {e}") from None
+            fail(f"data set {name!r}: {e}")
     test = bundle.test
     if len(test) == 0:
-        raise _fail(f"data set {name!r} has an empty test split")
+        fail(f"data set {name!r} has an empty test split")
     idx = np.unique(np.linspace(0, len(test) - 1, min(n, len(test))).round().astype(int))
     items = [test[int(i)] for i in idx]
     frames = np.stack([np.asarray(f, dtype=np.float32) for f, _ in items])
@@ -120,12 +116,12 @@ def profile(
         try:
             profiles = load_profiles(hw)
         except HwProfileError as e:
-            raise _fail(f"--hw: {e}") from None
+            fail(f"--hw: {e}")
     try:
         run = load_run(run_dir)
         graph = lower_run(run)
     except (CheckpointError, GraphError) as e:
-        raise _fail(str(e)) from None
+        fail(str(e))
 
     if frames is not None:
         x, labels = _frames_file(frames, samples)
@@ -135,7 +131,7 @@ def profile(
         x, labels = _dataset_frames(run, name, data_root, cache_dir, samples, console)
         source = {"dataset": name}
     if tuple(x.shape[2:]) != graph.input_shape:
-        raise _fail(f"samples have shape {tuple(x.shape[1:])} per sample; the model takes [T, {', '.join(map(str, graph.input_shape))}]")
+        fail(f"samples have shape {tuple(x.shape[1:])} per sample; the model takes [T, {', '.join(map(str, graph.input_shape))}]")
 
     def batches():
         for i in range(0, len(x), batch_size):
@@ -148,7 +144,7 @@ def profile(
         try:
             prof = profile_batches(graph, batches(), pooled_inputs=pooled_inputs, on_batch=lambda n: bar.advance(task, n))
         except GraphError as e:
-            raise _fail(str(e)) from None
+            fail(str(e))
     estimates = [estimate_energy(prof, p) for p in profiles]
 
     console.print(layer_table(prof, title=f"{run_dir} — {prof.samples} samples, T={prof.timesteps}, per inference"))
@@ -175,4 +171,4 @@ def profile(
             plot_profile(prof, estimates, plot)
             console.print(f"wrote {plot}")
     except OSError as e:
-        raise _fail(f"cannot write: {e}") from None
+        fail(f"cannot write: {e}")

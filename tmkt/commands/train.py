@@ -8,13 +8,10 @@ from typing import Optional
 
 import typer
 
+from tmkt.commands import fail
+
 _SETTINGS = "Settings (override --config)"
 NETX_SUFFIXES = (".net", ".h5", ".hdf5")
-
-
-def _fail(message: str, code: int = 1) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
 
 
 def _parse_input_size(text: Optional[str]) -> Optional[tuple[int, int]]:
@@ -134,7 +131,7 @@ def train_command(
         typer.secho("interrupted (files already in the run directory stay valid: every write is atomic)", err=True)
         raise typer.Exit(130) from None
     except (ConfigError, TrainingError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. --out is a file
-        _fail(str(e))
+        fail(str(e))
     else:
         import os
 
@@ -174,7 +171,7 @@ def eval_command(
         dev = resolve_device(device)
         result = _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, dev)
     except (CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
-        _fail(str(e))
+        fail(str(e))
     _print_result(result, per_class, as_json)
 
 
@@ -207,13 +204,13 @@ def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_
     try:
         from tmkt.export.lava import evaluate_netx
     except ImportError as e:
-        _fail(f"evaluating a netx export is not available in this install ({e})")
+        fail(f"evaluating a netx export is not available in this install ({e})")
     try:
         return evaluate_netx(
             path, dataset, split, data_root=data_root, options=options, cache_dir=cache_dir, batch_size=batch_size
         )
     except (FileNotFoundError, ValueError, KeyError, OSError) as e:
-        _fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
+        fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
 
 
 def _print_netx(result: dict, as_json: bool) -> None:
