@@ -331,11 +331,10 @@ def _torch_reference(graph: DeployGraph, x: torch.Tensor) -> dict[str, Any]:
 
 
 def _session(model: str | bytes):
-    import onnxruntime as ort
+    """A quiet CPU onnxruntime session: verification compares against PyTorch on the CPU."""
+    from tmkt.runtime.classifier import make_session
 
-    opts = ort.SessionOptions()
-    opts.log_severity_level = 3
-    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+    return make_session(model, "cpu")[0]
 
 
 def _run_onnx(sess, mode: str, graph: DeployGraph, x: np.ndarray, debug: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:
