@@ -4,15 +4,25 @@ Setting: VGG-SNN, T=10, input 2x48x48, batch 120 per stream. Variants, all in on
 
   loop-fp32 / loop-bf16   plain PyTorch: for t in range(T): conv -> BN2d -> LIF step (python), the
                           same VGG-SNN layers, cross-entropy on the mean logits, AdamW;
+  loop-bf16-compile       the same loop under torch.compile (the reference the issue quotes);
   sj-ce-fp32 / sj-ce-bf16 tmkt's spikingjelly multi-step model, events only, cross-entropy only;
-  tmkt-fp32 / tmkt-bf16   tmkt's full TMKT step: both streams (mixed + event), TET on both,
-                          CKA alignment, MAG and MRP, AdamW over model + method parameters;
-  tmkt-bf16-compile       the same with the model under torch.compile (compile seconds reported).
-bf16 runs use autocast and channels_last. Each figure is the median of timed steps after warm-up,
-measured with CUDA events (or wall clock on CPU). Prints a table and writes JSON (--json).
+  tmkt-fp32 / tmkt-bf16   tmkt's full TMKT step exactly as `tmkt train` runs it (`train_step`):
+                          batches from pinned CPU memory, mix ratios and switch steps drawn from a
+                          CPU generator, both streams (mixed + event), TET on both, CKA alignment,
+                          MAG and MRP, fused AdamW over model + method parameters;
+  tmkt-bf16-compile       the same with `tmkt train --compile` (`MethodLoss.compile_core`: both
+                          forward passes and every loss as one graph);
+  tmkt-bf16-compile-cg    the same with CUDA graphs (torch.compile mode "reduce-overhead").
+bf16 runs use autocast and channels_last; every optimizer is AdamW (fused on CUDA). Timing:
+--steps steps back to back with one sync at the end (as in training, where nothing waits for
+the GPU inside a step), in --rounds rounds after warm-up; the median round per step is
+reported, with the first call's seconds (compilation for compiled variants). The compiled TMKT
+variants also report their first step's loss against eager's on the same batch and weights.
+Prints a table and writes JSON (--json).
 
-    python bench/train_step.py                 # on a GPU
-    python bench/train_step.py --small --steps 3   # smoke run on a CPU (tiny shapes)
+    python bench/train_step.py                                   # on a GPU, all variants
+    python bench/train_step.py --only tmkt-bf16,tmkt-bf16-compile # some variants, in that order
+    python bench/train_step.py --small --steps 2 --rounds 1 --warmup 1  # CPU smoke (tiny shapes)
 """
 
 from __future__ import annotations
@@ -31,7 +41,14 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tmkt.models import ModelConfig, NeuronConfig, build_model  # noqa: E402
+from tmkt.train.config import config_from_dict  # noqa: E402
 from tmkt.train.method import MethodConfig, build_method  # noqa: E402
+from tmkt.train.trainer import Objective, make_optimizer, train_step  # noqa: E402
+
+VARIANTS = (
+    "loop-fp32", "loop-bf16", "loop-bf16-compile", "sj-ce-fp32", "sj-ce-bf16",
+    "tmkt-fp32", "tmkt-bf16", "tmkt-bf16-compile", "tmkt-bf16-compile-cg",
+)
 
 
 class _Spike(torch.autograd.Function):
@@ -80,136 +97,169 @@ class LoopVGG(nn.Module):
         return torch.stack(outs).mean(0)
 
 
-def _timer(device: torch.device):
-    if device.type == "cuda":
-        def run(fn):
-            a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            a.record()
-            fn()
-            b.record()
-            torch.cuda.synchronize()
-            return a.elapsed_time(b)
-    else:
-        def run(fn):
-            t0 = time.perf_counter()
-            fn()
-            return (time.perf_counter() - t0) * 1e3
-    return run
-
-
-def bench(name, step, warmup, steps, device, results, extra=None):
-    timer = _timer(device)
-    t0 = time.perf_counter()
-    timer(step)  # first call (compilation happens here for compiled variants)
-    first_s = time.perf_counter() - t0
-    for _ in range(warmup):
-        step()
+def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize()
-    times = [timer(step) for _ in range(steps)]
-    row = {"variant": name, "ms_per_step": statistics.median(times), "min_ms": min(times), "first_call_s": first_s}
+
+
+def bench(name, step, args, device, results, extra=None):
+    """Time `step`: first call, warm-up, then rounds of back-to-back steps with one sync each."""
+    t0 = time.perf_counter()
+    step()  # the first call compiles the compiled variants
+    _sync(device)
+    first_s = time.perf_counter() - t0
+    for _ in range(args.warmup):
+        step()
+    _sync(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    per_step = []
+    for _ in range(args.rounds):
+        t0 = time.perf_counter()
+        for _ in range(args.steps):
+            step()
+        _sync(device)
+        per_step.append((time.perf_counter() - t0) * 1e3 / args.steps)
+    row = {"variant": name, "ms_per_step": statistics.median(per_step), "min_ms": min(per_step), "first_call_s": first_s}
     if device.type == "cuda":
         row["peak_mem_gib"] = torch.cuda.max_memory_allocated() / 2**30
-        torch.cuda.reset_peak_memory_stats()
     row.update(extra or {})
     results.append(row)
     print(f"{name:22s} {row['ms_per_step']:9.1f} ms/step  (min {row['min_ms']:.1f}, first call {first_s:.1f} s)", flush=True)
 
 
+def _loop_step(variant, args, width, device, x_ev, labels):
+    net = LoopVGG(args.classes, width, args.size).to(device)
+    if "bf16" in variant:
+        net = net.to(memory_format=torch.channels_last)
+    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=device.type == "cuda")
+    fwd = torch.compile(net, backend=args.compile_backend) if variant.endswith("compile") else net
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in variant):
+            loss = F.cross_entropy(fwd(x_ev).float(), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _model(args, width, device, bf16):
+    torch.manual_seed(0)  # every variant starts from the same weights
+    model = build_model(ModelConfig(backbone="vgg", num_classes=args.classes, input_size=(args.size, args.size),
+                                    width=width, neuron=NeuronConfig(tau=2.0, v_threshold=1.0))).to(device)
+    return model.to(memory_format=torch.channels_last) if bf16 else model
+
+
+def _sj_step(variant, args, width, device, x_ev, labels):
+    bf16 = "bf16" in variant
+    model = _model(args, width, device, bf16)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            out = model(x_ev, head="event")
+            loss = F.cross_entropy(out["logits"].float().mean(0), labels)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        return loss.detach()
+
+    return step
+
+
+def _tmkt_step(variant, args, width, device, cpu_batch):
+    """The trainer's own step (`train_step`, `Objective`, `make_optimizer`, `--compile`)."""
+    bf16 = "bf16" in variant
+    model = _model(args, width, device, bf16)
+    method = build_method(MethodConfig(name="tmkt"), args.timesteps).to(device)
+    cuda_graphs = variant.endswith("-cg")
+    if "compile" in variant:
+        options = {"backend": args.compile_backend, **({"mode": "reduce-overhead"} if cuda_graphs else {})}
+        method.compile_core(**options)
+    cfg = config_from_dict({"lr": 1e-3})
+    opt = make_optimizer(list(model.parameters()) + list(method.parameters()), cfg, device)
+    objective = Objective(model, method)
+    gen = torch.Generator().manual_seed(0)
+
+    def step():
+        if cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
+        loss, _ = train_step(objective, opt, cpu_batch, cfg.lr, 0.5, gen, device, amp=bf16)
+        return loss
+
+    return step
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--batch", type=int, default=120)
+    ap.add_argument("--batch", type=int, default=120, help="samples per stream")
     ap.add_argument("--timesteps", type=int, default=10)
     ap.add_argument("--size", type=int, default=48)
     ap.add_argument("--classes", type=int, default=101)
-    ap.add_argument("--steps", type=int, default=20)
-    ap.add_argument("--warmup", type=int, default=5)
+    ap.add_argument("--steps", type=int, default=10, help="steps per timed round")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--warmup", type=int, default=3)
     ap.add_argument("--small", action="store_true", help="tiny shapes for a CPU smoke run")
+    ap.add_argument("--only", default=",".join(VARIANTS), help="comma-separated variants to run, in this order")
     ap.add_argument("--skip", default="", help="comma-separated variants to skip")
     ap.add_argument("--json", type=Path, default=None)
+    ap.add_argument("--compile-backend", default="inductor",
+                    help="torch.compile backend (aot_eager: no code generation, for a quick CPU check of the wiring)")
     args = ap.parse_args()
+    only = [v for v in args.only.split(",") if v]
+    unknown = set(only) - set(VARIANTS)
+    if unknown:
+        ap.error(f"unknown variants {sorted(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants = [v for v in only if v not in set(args.skip.split(","))]
     width = 1.0
     if args.small:
         args.batch, args.timesteps, args.size, width = 4, 4, 32, 0.125
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    skip = set(filter(None, args.skip.split(",")))
     torch.manual_seed(0)
     T, B, S = args.timesteps, args.batch, args.size
-    static = torch.rand(B, T, 2, S, S, device=device)
-    events = (torch.rand(B, T, 2, S, S, device=device) < 0.1).float() * 2
-    labels = torch.randint(0, args.classes, (B,), device=device)
+    static = torch.rand(B, T, 2, S, S)
+    events = (torch.rand(B, T, 2, S, S) < 0.1).float() * 2
+    labels = torch.randint(0, args.classes, (B,))
+    pin = device.type == "cuda"
+    cpu_batch = tuple(x.pin_memory() if pin else x for x in (static, events, labels))  # as the DataLoader gives them
+    x_ev, y = events.transpose(0, 1).contiguous().to(device), labels.to(device)
     info = {
         "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "batch_per_stream": B, "timesteps": T, "input": [2, S, S],
+        "steps_per_round": args.steps, "rounds": args.rounds,
     }
     print(json.dumps(info), flush=True)
     results: list[dict] = []
-
-    for prec in ("fp32", "bf16"):
-        name = f"loop-{prec}"
-        if name in skip:
-            continue
-        net = LoopVGG(args.classes, width, S).to(device)
-        if prec == "bf16":
-            net = net.to(memory_format=torch.channels_last)
-        opt = torch.optim.AdamW(net.parameters(), lr=1e-3)
-        x_ev = events.transpose(0, 1).contiguous()
-
-        def step(net=net, opt=opt, prec=prec, x_ev=x_ev):
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=prec == "bf16"):
-                loss = F.cross_entropy(net(x_ev).float(), labels)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-
-        bench(name, step, args.warmup, args.steps, device, results)
-        del net, opt
-
-    for variant in ("sj-ce-fp32", "sj-ce-bf16", "tmkt-fp32", "tmkt-bf16", "tmkt-bf16-compile"):
-        if variant in skip:
-            continue
-        bf16 = "bf16" in variant
-        model = build_model(ModelConfig(backbone="vgg", num_classes=args.classes, input_size=(S, S), width=width,
-                                        neuron=NeuronConfig(tau=2.0, v_threshold=1.0))).to(device)
-        if bf16:
-            model = model.to(memory_format=torch.channels_last)
-        method = build_method(MethodConfig(name="tmkt"), T).to(device)
-        opt = torch.optim.AdamW(list(model.parameters()) + list(method.parameters()), lr=1e-3)
-        fwd_model = model
-        if variant.endswith("compile"):
-            model.trunk = torch.compile(model.trunk)
-        gen = torch.Generator(device=device).manual_seed(0)
-
-        if variant.startswith("sj-ce"):
-            def step(model=model, opt=opt, bf16=bf16):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    out = model(events.transpose(0, 1), head="event")
-                    loss = F.cross_entropy(out["logits"].float().mean(0), labels)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-        else:
-            def step(model=fwd_model, method=method, opt=opt, bf16=bf16, gen=gen):
-                with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                    loss, _ = method(model, static, events, labels, 0.5, gen)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-
+    for variant in variants:
         try:
-            bench(variant, step, args.warmup, args.steps, device, results)
+            if variant.startswith("loop"):
+                step = _loop_step(variant, args, width, device, x_ev, y)
+            elif variant.startswith("sj-ce"):
+                step = _sj_step(variant, args, width, device, x_ev, y)
+            else:
+                step = _tmkt_step(variant, args, width, device, cpu_batch)
+            first_loss = float(step())  # from the same weights and draws in every tmkt variant
+            bench(variant, step, args, device, results, {"first_loss": first_loss})
         except Exception as e:  # report and go on: one failing variant must not lose the others
             print(f"{variant:22s} FAILED: {type(e).__name__}: {str(e)[:300]}", flush=True)
             results.append({"variant": variant, "error": f"{type(e).__name__}: {str(e)[:1000]}"})
-        del model, method, opt
+        step = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    base = {r["variant"]: r["ms_per_step"] for r in results if "ms_per_step" in r}
-    print("\nratios against loop-bf16 (same run):")
-    for r in results:
-        if "ms_per_step" in r and "loop-bf16" in base:
-            print(f"  {r['variant']:22s} {base['loop-bf16'] / r['ms_per_step']:.2f}x")
+    done = {r["variant"]: r for r in results if "ms_per_step" in r}
+    if "loop-bf16" in done:
+        print("\nspeed-up against loop-bf16 (same run):")
+        for r in done.values():
+            print(f"  {r['variant']:22s} {done['loop-bf16']['ms_per_step'] / r['ms_per_step']:.2f}x")
+    if "tmkt-bf16" in done:
+        print("first-step loss against eager tmkt-bf16 (same weights and draws):")
+        for name in ("tmkt-bf16-compile", "tmkt-bf16-compile-cg"):
+            if name in done:
+                print(f"  {name:22s} {done[name]['first_loss']:.6f} vs {done['tmkt-bf16']['first_loss']:.6f}")
     if args.json:
         args.json.write_text(json.dumps({"info": info, "results": results}, indent=2))
 

@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import torch
-from spikingjelly.activation_based import functional, layer, neuron, surrogate
+from spikingjelly.activation_based import base, layer, neuron, surrogate
 from torch import nn
 
 BACKBONES = ("small", "vgg", "resnet18")
@@ -214,6 +214,9 @@ class SpikingNet(nn.Module):
         self._tap_input: torch.Tensor | None = None
         self._tap.register_forward_pre_hook(self._capture_input)
         self._tap.store_v_seq = True
+        # The stateful layers, collected once: reset in forward without spikingjelly's reset_net,
+        # whose process-wide module cache torch.compile would guard on (and recompile for).
+        self._stateful = tuple(m for m in self.trunk.modules() if isinstance(m, base.MemoryModule))
 
     def _capture_input(self, _module: nn.Module, args: tuple[torch.Tensor, ...]) -> None:
         self._tap_input = args[0]
@@ -229,7 +232,7 @@ class SpikingNet(nn.Module):
     def forward(self, x: torch.Tensor, head: str = "event", aux: bool = False) -> dict[str, torch.Tensor]:
         if x.ndim != 5:
             raise ValueError(f"expected input [T, B, C, H, W], got shape {tuple(x.shape)}")
-        functional.reset_net(self)
+        self._reset_state()
         feats = self.trunk(x)
         out: dict[str, torch.Tensor] = {"features": feats, "membrane": self._membrane()}
         if head == "event":
@@ -242,7 +245,14 @@ class SpikingNet(nn.Module):
             out["mag"] = self.mag_head(feats).squeeze(-1)
             out["mrp"] = torch.sigmoid(self.mrp_head(feats.mean(0))).squeeze(-1)
         self._tap_input = None
+        # Leave every state at its reset value (not a tensor from this call): the next call then
+        # starts from the same Python state, which keeps torch.compile from recompiling on it.
+        self._reset_state()
         return out
+
+    def _reset_state(self) -> None:
+        for m in self._stateful:
+            m.reset()
 
 
 def build_model(cfg: ModelConfig) -> SpikingNet:

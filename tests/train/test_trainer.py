@@ -245,3 +245,21 @@ def test_fresh_run_refuses_a_folder_holding_a_run(tmp_path, cache):
     with pytest.raises(trainer.TrainingError, match="already holds a run"):
         trainer.train(tiny_config(run, cache), console=quiet())
     assert (run / "config.json").read_text() == '{"keep": "me"}'
+
+
+def test_compile_trains_the_same_weights(tmp_path, cache, monkeypatch):
+    """`--compile` wires the compiled step core into training: with AOTAutograd and no code
+    generation (aot_eager, fast on a CPU), a run ends with the eager run's weights bit for bit."""
+    import functools
+
+    import torch._dynamo
+
+    plain = trainer.train(tiny_config(tmp_path / "e", cache, epochs=1), console=quiet())
+    torch._dynamo.reset()
+    torch._dynamo.utils.counters.clear()
+    monkeypatch.setattr(torch, "compile", functools.partial(torch.compile, backend="aot_eager"))
+    compiled = trainer.train(tiny_config(tmp_path / "c", cache, epochs=1, compile=True), console=quiet())
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1  # the step did run compiled
+    a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("e", "c"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert compiled.metrics["test_accuracy"] == plain.metrics["test_accuracy"]

@@ -85,7 +85,7 @@ def train_command(
     channels_last: Optional[bool] = typer.Option(
         None, "--channels-last/--no-channels-last", help="Channels-last memory format on CUDA.", rich_help_panel=_SETTINGS
     ),
-    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile on CUDA.", rich_help_panel=_SETTINGS),
+    compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the forward passes and losses as one graph (first step compiles for minutes; for long GPU runs).", rich_help_panel=_SETTINGS),
     eval_every: Optional[int] = typer.Option(None, help="Validate every N epochs.", rich_help_panel=_SETTINGS),
 ) -> None:
     """Train a spiking network (TMKT by default; with no arguments: on the built-in digits set, a few minutes on a CPU).

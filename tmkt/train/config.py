@@ -97,7 +97,8 @@ class TrainConfig:
         num_workers: DataLoader worker processes.
         amp: bfloat16 autocast on CUDA (ignored on CPU, which trains in float32).
         channels_last: channels-last memory format on CUDA.
-        compile: `torch.compile` the model on CUDA.
+        compile: `torch.compile` each step's forward passes and losses as one graph (any device;
+            the first step compiles, which takes minutes; worth it for long GPU runs).
         eval_every: validate every this many epochs (and always after the last).
         eval_batch_size: batch size for validation / test (None: 2 * batch_size).
     """

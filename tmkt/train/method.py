@@ -34,7 +34,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tmkt.train.losses import alignment_loss, linear_cka_per_step, mag_loss, mrp_loss, tet_loss
-from tmkt.train.tsm import time_step_mixup
+from tmkt.train.tsm import mix_at_switch, sample_switch_steps, solve_switch_prob
 
 METHODS = ("dvs", "finetune", "ekt", "tmkt")
 MIX_SCHEDULES = ("uniform", "progress")
@@ -150,19 +150,27 @@ def _frozen_bn_stats(model: nn.Module, enabled: bool) -> Iterator[None]:
             m.momentum = momentum
 
 
-def _f(x: torch.Tensor) -> float:
-    """A log value: detached, so logging never touches the graph."""
-    return float(x.detach())
+def _f(x: torch.Tensor) -> torch.Tensor:
+    """A log value: a detached 0-d tensor. It stays on the device, so logging never forces a
+    host sync inside a step (the trainer turns logs into floats after queueing the next step)."""
+    return x.detach()
 
 
-def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
+def _accuracy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """Share of samples whose mean-over-T logits pick the label; logits ``[T, B, K]``."""
-    return float((logits.detach().mean(0).argmax(-1) == labels).float().mean())
+    return (logits.detach().mean(0).argmax(-1) == labels).float().mean()
 
 
 class MethodLoss(nn.Module):
     """The objective of one method. Owns ``eta`` ``[T]``, the learnable per-step coefficients of
-    the CKA alignment (ekt, tmkt; unused otherwise), so the optimiser must see its parameters."""
+    the CKA alignment (ekt, tmkt; unused otherwise), so the optimiser must see its parameters.
+
+    A call runs in two parts: the eager part validates shapes and draws the step's randomness
+    from the generator (mix ratios and switch steps, replacements) and its schedule values;
+    `core` is then pure tensor work, both forward passes and every loss, with no host sync and
+    no Python branch on tensor values. `compile_core()` puts `core` under `torch.compile` as one
+    graph (fullgraph), which is what `tmkt train --compile` uses.
+    """
 
     def __init__(self, cfg: MethodConfig, timesteps: int) -> None:
         super().__init__()
@@ -171,6 +179,17 @@ class MethodLoss(nn.Module):
         self.cfg = cfg
         self.timesteps = timesteps
         self.eta = nn.Parameter(torch.full((timesteps,), float(cfg.eta_init)))
+        self._core = self.core
+
+    def compile_core(self, **options: Any) -> "MethodLoss":
+        """Compile `core` (both streams' forward and all losses) as one graph; ``options`` go to
+        `torch.compile`. Defaults: ``fullgraph=True`` (a graph break is an error, not a silent
+        slowdown) and ``dynamic=False`` (a smaller last batch gets its own static graph, compiled
+        once, instead of turning every shape symbolic)."""
+        options.setdefault("fullgraph", True)
+        options.setdefault("dynamic", False)
+        self._core = torch.compile(self.core, **options)
+        return self
 
     def _tet(self, logits: torch.Tensor, labels: torch.Tensor, step_weights: torch.Tensor | None = None) -> torch.Tensor:
         c = self.cfg
@@ -187,8 +206,8 @@ class MethodLoss(nn.Module):
         labels: torch.Tensor,
         progress: float,
         generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        """Loss of one batch and float logs.
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor | float]]:
+        """Loss of one batch and its logs (detached 0-d tensors, or floats for schedule values).
 
         static, events: ``[B, T, C, H, W]`` as a DataLoader yields them (static may be None for
         ``dvs``); labels: ``[B]``; progress: fraction of training done, in [0, 1]; generator:
@@ -203,38 +222,58 @@ class MethodLoss(nn.Module):
                 raise ValueError(f"static {tuple(static.shape)} and events {tuple(events.shape)} differ in shape")
             st = static.transpose(0, 1)
         progress = min(max(float(progress), 0.0), 1.0)
-        name = self.cfg.name
-        if name == "dvs":
-            return self._dvs(model, ev, labels)
-        if st is None:
-            raise ValueError(f"method {name!r} needs static sequences, got static=None")
-        if name == "finetune":
-            return self._finetune(model, st, ev, labels, progress)
-        if name == "ekt":
-            return self._ekt(model, st, ev, labels, progress, generator)
-        return self._tmkt(model, st, ev, labels, progress, generator)
+        c, batch = self.cfg, ev.shape[1]
+        if c.name != "dvs" and st is None:
+            raise ValueError(f"method {c.name!r} needs static sequences, got static=None")
+        static_phase, draw, extra = False, None, {}
+        if c.name == "finetune":
+            static_phase = progress < c.finetune_switch
+            extra["static_phase"] = float(static_phase)
+        elif c.name == "ekt":
+            p_replace = progress ** c.ekt_power
+            u = torch.rand(batch, generator=generator, device=generator.device)
+            draw = (u < p_replace).to(ev.device)
+            extra["replace_prob"] = p_replace
+        elif c.name == "tmkt":
+            ratio = self._mix_ratio(batch, progress, generator)
+            draw = sample_switch_steps(solve_switch_prob(ratio, self.timesteps), self.timesteps, generator)
+            draw = draw.to(ev.device)
+        loss, logs = self._core(model, st, ev, labels, draw, static_phase)
+        return loss, {**logs, **extra}
 
-    def _dvs(self, model: nn.Module, ev: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, float]]:
+    def core(
+        self,
+        model: nn.Module,
+        st: torch.Tensor | None,
+        ev: torch.Tensor,
+        labels: torch.Tensor,
+        draw: torch.Tensor | None,
+        static_phase: bool,
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The tensor part of a step. st, ev: ``[T, B, ...]``; draw: ekt's replacement mask
+        ``[B]`` (bool) or tmkt's 0-based switch steps ``[B]`` (long), None otherwise;
+        static_phase: finetune's phase."""
+        name = self.cfg.name
+        if name == "dvs" or (name == "finetune" and not static_phase):
+            return self._dvs(model, ev, labels)
+        if name == "finetune":
+            out = model(st, head="event")
+            loss = self.cfg.static_loss_weight * self._tet(out["logits"], labels)
+            return loss, {"loss": _f(loss), "tet_static": _f(loss), "acc_static": _accuracy(out["logits"], labels)}
+        if name == "ekt":
+            src = torch.where(draw.reshape((1, -1) + (1,) * (ev.ndim - 2)), ev, st)
+            loss, _, logs = self._two_streams(model, src, ev, labels, aux=False)
+            return loss, {"loss": _f(loss), **logs}
+        return self._tmkt(model, st, ev, labels, draw)
+
+    def _dvs(self, model: nn.Module, ev: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         out = model(ev, head="event")
         loss = self.cfg.event_loss_weight * self._tet(out["logits"], labels)
         return loss, {"loss": _f(loss), "tet_event": _f(loss), "acc_event": _accuracy(out["logits"], labels)}
 
-    def _finetune(
-        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, progress: float
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        if progress >= self.cfg.finetune_switch:
-            loss, logs = self._dvs(model, ev, labels)
-            return loss, {**logs, "static_phase": 0.0}
-        out = model(st, head="event")
-        loss = self.cfg.static_loss_weight * self._tet(out["logits"], labels)
-        return loss, {
-            "loss": _f(loss), "tet_static": _f(loss), "acc_static": _accuracy(out["logits"], labels),
-            "static_phase": 1.0,
-        }
-
     def _two_streams(
         self, model: nn.Module, src: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, aux: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, float]]:
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Shared by ekt and tmkt: TETs of both streams + weighted CKA alignment of their membranes."""
         c = self.cfg
         with _frozen_bn_stats(model, c.bn_stats == "event"):
@@ -253,18 +292,6 @@ class MethodLoss(nn.Module):
         }
         return loss, out_s, logs
 
-    def _ekt(
-        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, progress: float,
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
-        p_replace = progress ** self.cfg.ekt_power
-        batch = ev.shape[1]
-        u = torch.rand(batch, generator=generator, device=generator.device).to(ev.device)
-        replace = (u < p_replace).reshape((1, batch) + (1,) * (ev.ndim - 2))
-        src = torch.where(replace, ev, st)
-        loss, _, logs = self._two_streams(model, src, ev, labels, aux=False)
-        return loss, {"loss": _f(loss), **logs, "replace_prob": p_replace}
-
     def _mix_ratio(self, batch: int, progress: float, generator: torch.Generator) -> torch.Tensor:
         c = self.cfg
         if c.mix_ratio_schedule == "progress":
@@ -274,17 +301,15 @@ class MethodLoss(nn.Module):
         return c.mix_ratio_min + (c.mix_ratio_max - c.mix_ratio_min) * u
 
     def _tmkt(
-        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, progress: float,
-        generator: torch.Generator,
-    ) -> tuple[torch.Tensor, dict[str, float]]:
+        self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, switch_step: torch.Tensor
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         c = self.cfg
-        ratio = self._mix_ratio(ev.shape[1], progress, generator)
-        mix = time_step_mixup(st, ev, ratio, generator)
+        mix = mix_at_switch(st, ev, switch_step)
         loss, out_m, logs = self._two_streams(model, mix.mixed, ev, labels, aux=True)
         l_mag = mag_loss(out_m["mag"], mix.frame_labels)
         l_mrp = mrp_loss(out_m["mrp"], mix.mix_ratio)
         loss = loss + c.mag_weight * l_mag + c.mrp_weight * l_mrp
-        mag_acc = float(((out_m["mag"].detach() > 0).to(mix.frame_labels.dtype) == mix.frame_labels).float().mean())
+        mag_acc = ((out_m["mag"].detach() > 0).to(mix.frame_labels.dtype) == mix.frame_labels).float().mean()
         return loss, {
             "loss": _f(loss), **logs, "mag": _f(l_mag), "mrp": _f(l_mrp), "acc_mag": mag_acc,
             "mix_ratio": _f(mix.mix_ratio.mean()),

@@ -144,7 +144,7 @@ def default_run_dir(method: str, root: str | Path = "runs") -> Path:
     return path
 
 
-class _Objective(nn.Module):
+class Objective(nn.Module):
     """The network and the method loss as one module, so DDP sees one forward per step and
     all-reduces the gradients of both (the method calls the network twice per step)."""
 
@@ -155,6 +155,41 @@ class _Objective(nn.Module):
 
     def forward(self, static, events, labels, progress: float, generator: torch.Generator):
         return self.method(self.net, static, events, labels, progress, generator)
+
+
+def make_optimizer(params: list[nn.Parameter], cfg: TrainConfig, device: torch.device) -> torch.optim.Optimizer:
+    """AdamW; on CUDA the fused implementation, which updates every parameter in a few kernels."""
+    return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, fused=device.type == "cuda")
+
+
+def train_step(
+    objective: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    batch: tuple[torch.Tensor, torch.Tensor, torch.Tensor],
+    lr: float,
+    progress: float,
+    generator: torch.Generator,
+    device: torch.device,
+    amp: bool,
+) -> tuple[torch.Tensor, dict[str, Any]]:
+    """One optimizer step on a loader batch ``(static, events, labels)`` (static empty for dvs).
+
+    Returns the detached loss and the method's logs, still on the device: nothing here waits for
+    the GPU, so the caller decides when to read them (bf16 autocast on CUDA when ``amp``).
+    """
+    static, events, labels = batch
+    for g in optimizer.param_groups:
+        g["lr"] = lr
+    static = static.to(device, non_blocking=True) if static.numel() else None
+    events = events.to(device, non_blocking=True)
+    labels = labels.to(device, non_blocking=True)
+    use_amp = amp and device.type == "cuda"
+    with torch.autocast(device.type, dtype=torch.bfloat16) if use_amp else nullcontext():
+        loss, logs = objective(static, events, labels, progress, generator)
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    optimizer.step()
+    return loss.detach(), logs
 
 
 class _StopFlag:
@@ -410,10 +445,10 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in method.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-
-    net = torch.compile(model) if (cfg.compile and device.type == "cuda") else model
-    objective: nn.Module = _Objective(net, method)
+    optimizer = make_optimizer(params, cfg, device)
+    if cfg.compile:
+        method.compile_core()  # both streams' forward and every loss as one graph (compiled on first step)
+    objective: nn.Module = Objective(model, method)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
@@ -454,9 +489,6 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
     if best["epoch"] is not None and (run_dir / BEST_NAME).exists():
         best_state = load_file(str(run_dir / BEST_NAME))
     tb = _tensorboard(run_dir) if info.is_main else None
-    autocast = (
-        (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if (device.type == "cuda" and cfg.amp) else nullcontext
-    )
 
     if info.is_main:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -523,35 +555,42 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
             progress_bar = _progress(console, info.is_main)
             with progress_bar as bar:
                 task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=skip, info="")
-                for i, (static, events, labels) in enumerate(loader, start=skip):
-                    for g in optimizer.param_groups:
-                        g["lr"] = lr_at(global_step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-                    static = static.to(device, non_blocking=True) if static.numel() else None
-                    events = events.to(device, non_blocking=True)
-                    labels = labels.to(device, non_blocking=True)
-                    with autocast():
-                        loss, logs = objective(static, events, labels, global_step / max(1, total_steps), generator)
-                    optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    optimizer.step()
-                    global_step += 1
-                    value = float(loss.detach())
+                pending = None
+
+                def settle(step) -> None:
+                    """Turn one finished step's loss and logs into floats. Called once the next
+                    step is queued, so on a GPU this host sync waits for work that is already
+                    done instead of stalling the queue in the middle of a step."""
+                    loss_t, logs, b, i = step
+                    value = float(loss_t)
                     if not math.isfinite(value):
                         raise TrainingError(
                             f"loss became {value} at epoch {epoch + 1}, step {i + 1}; try a lower --lr (now {cfg.lr:g})"
                         )
-                    b = int(labels.shape[0])
                     _accumulate(sums, {**{k: float(v) for k, v in logs.items()}, "loss": value}, b)
                     shown = f"loss {_mean(sums, 'loss'):.4f}"
                     if "acc_event" in sums:
                         shown += f"  acc {_mean(sums, 'acc_event'):.3f}"
                     bar.update(task, advance=1, info=shown)
+
+                for i, batch in enumerate(loader, start=skip):
+                    lr = lr_at(global_step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
+                    progress = global_step / max(1, total_steps)
+                    loss, logs = train_step(objective, optimizer, batch, lr, progress, generator, device, cfg.amp)
+                    global_step += 1
+                    if pending is not None:
+                        settle(pending)
+                    pending = (loss, logs, int(batch[2].shape[0]), i)
                     if dist_utils.any_rank(stop.requested, info, device):
+                        settle(pending)
+                        pending = None
                         dist_utils.broadcast_buffers(model, info)
                         checkpoint(epoch, i + 1, metrics_lines, _reduce_sums(sums, info, device))
                         say(f"\n[yellow]interrupted[/]: saved {run_dir / LAST_NAME} and the resume state.")
                         say(f"resume with: [bold]tmkt train --resume {run_dir}[/]")
                         raise TrainingInterrupted(run_dir, epoch, i + 1, stop.signum or signal.SIGINT)
+                if pending is not None:
+                    settle(pending)
 
             # DDP broadcasts rank 0's BatchNorm buffers before each forward; after the epoch's last
             # update they differ, so make them rank 0's again before evaluating and saving.

@@ -79,6 +79,20 @@ def sample_switch_steps(p: torch.Tensor, timesteps: int, generator: torch.Genera
     return torch.where(hit.any(dim=0), first, torch.full_like(first, timesteps))
 
 
+def mix_at_switch(static: torch.Tensor, events: torch.Tensor, switch_step: torch.Tensor) -> MixedBatch:
+    """The mixed sequences for given 0-based switch steps ``[B]`` (no randomness, no host sync).
+
+    static, events: ``[T, B, ...]`` (time first, same shape).
+    """
+    timesteps = events.shape[0]
+    steps = torch.arange(timesteps, device=events.device).unsqueeze(1)
+    is_event = steps >= switch_step.unsqueeze(0)  # [T, B]
+    mask = is_event.reshape(is_event.shape + (1,) * (events.ndim - 2))
+    mixed = torch.where(mask, events, static)
+    labels = is_event.to(events.dtype)
+    return MixedBatch(mixed=mixed, frame_labels=labels, mix_ratio=labels.mean(0), switch_step=switch_step)
+
+
 def time_step_mixup(
     static: torch.Tensor, events: torch.Tensor, ratio: torch.Tensor, generator: torch.Generator
 ) -> MixedBatch:
@@ -94,9 +108,4 @@ def time_step_mixup(
         raise ValueError(f"ratio must have shape ({batch},), got {tuple(ratio.shape)}")
     p = solve_switch_prob(ratio, timesteps)
     t_star = sample_switch_steps(p, timesteps, generator).to(events.device)
-    steps = torch.arange(timesteps, device=events.device).unsqueeze(1)
-    is_event = steps >= t_star.unsqueeze(0)  # [T, B]
-    mask = is_event.reshape(is_event.shape + (1,) * (events.ndim - 2))
-    mixed = torch.where(mask, events, static)
-    labels = is_event.to(events.dtype)
-    return MixedBatch(mixed=mixed, frame_labels=labels, mix_ratio=labels.mean(0), switch_step=t_star)
+    return mix_at_switch(static, events, t_star)
