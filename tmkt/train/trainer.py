@@ -499,6 +499,8 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
             f"{device}{f' x {info.world_size}' if info.enabled else ''}"
         )
         say(f"run directory: {run_dir}")
+        if cfg.compile:
+            say("--compile: the first step compiles the training step (minutes; later steps are faster)")
 
     def checkpoint(epoch: int, step_in_epoch: int, metrics_lines: int, partial: dict[str, float] | None = None) -> None:
         """Write last weights and the resume state (rank 0), RNG states gathered from every rank."""
@@ -535,6 +537,7 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
         save_resume_state(run_dir / RESUME_NAME, tensors, state)
 
     metrics_lines = resume_state["metrics_lines"] if resume_state else 0
+    compile_seconds = None
     with _catch_stop_signals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -576,7 +579,11 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
                 for i, batch in enumerate(loader, start=skip):
                     lr = lr_at(global_step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
                     progress = global_step / max(1, total_steps)
+                    t_step = time.perf_counter()
                     loss, logs = train_step(objective, optimizer, batch, lr, progress, generator, device, cfg.amp)
+                    if cfg.compile and compile_seconds is None:
+                        compile_seconds = time.perf_counter() - t_step
+                        say(f"first (compiling) step: {compile_seconds:.0f} s")
                     global_step += 1
                     if pending is not None:
                         settle(pending)
