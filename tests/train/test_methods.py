@@ -268,3 +268,33 @@ def test_compiled_core_is_one_graph_and_matches_eager(name):
     assert all(torch.equal(a, b) for a, b in zip(b0, b1))
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     assert frames == (2 if name == "finetune" else 1), frames
+
+
+def test_compiled_core_falls_back_to_pieces_on_a_graph_break():
+    """A model torch.compile cannot capture whole warns and still trains, with eager's loss."""
+    import torch._dynamo
+
+    class Breaking(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self.inner = inner
+
+        def forward(self, x, **kw):
+            torch._dynamo.graph_break()
+            return self.inner(x, **kw)
+
+    torch._dynamo.reset()
+    static, events, labels = _batch(3)
+    eager_loss, _ = build_method(MethodConfig(name="tmkt"), T)(_model(6), static, events, labels, 0.5, _gen(7))
+    method = build_method(MethodConfig(name="tmkt"), T).compile_core(backend="aot_eager")
+    model = Breaking(_model(6))
+    with pytest.warns(RuntimeWarning, match="in pieces"):
+        loss, _ = method(model, static, events, labels, 0.5, _gen(7))
+    loss.backward()
+    assert float(loss.detach()) == float(eager_loss.detach())
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no second warning: the core is already compiled in pieces
+        again, _ = method(model, static, events, labels, 0.5, _gen(7))
+    assert float(again.detach()) == float(eager_loss.detach())

@@ -25,6 +25,7 @@ docs/method.md states which constants come from the papers / EKT code and which 
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Iterator
@@ -183,12 +184,33 @@ class MethodLoss(nn.Module):
 
     def compile_core(self, **options: Any) -> "MethodLoss":
         """Compile `core` (both streams' forward and all losses) as one graph; ``options`` go to
-        `torch.compile`. Defaults: ``fullgraph=True`` (a graph break is an error, not a silent
-        slowdown) and ``dynamic=False`` (a smaller last batch gets its own static graph, compiled
+        `torch.compile`. Defaults: ``fullgraph=True`` (a graph break is not silent: it warns once
+        and falls back to compiling in pieces) and ``dynamic=False`` (a smaller last batch gets its own static graph, compiled
         once, instead of turning every shape symbolic)."""
         options.setdefault("fullgraph", True)
         options.setdefault("dynamic", False)
-        self._core = torch.compile(self.core, **options)
+        from torch._dynamo.exc import Unsupported
+
+        compiled = torch.compile(self.core, **options)
+        if not options["fullgraph"]:
+            self._core = compiled
+            return self
+
+        def core(*args: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+            # A graph break (e.g. a kernel provider's Python on a platform not tested here)
+            # should cost speed, not the run: warn, then compile in pieces.
+            try:
+                return compiled(*args)
+            except Unsupported as e:
+                first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                warnings.warn(
+                    f"torch.compile could not capture the training step as one graph ({first}); "
+                    "compiling it in pieces instead, which is slower", RuntimeWarning, stacklevel=2,
+                )
+                self._core = torch.compile(self.core, **{**options, "fullgraph": False})
+                return self._core(*args)
+
+        self._core = core
         return self
 
     def _tet(self, logits: torch.Tensor, labels: torch.Tensor, step_weights: torch.Tensor | None = None) -> torch.Tensor:
