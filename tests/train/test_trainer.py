@@ -263,3 +263,21 @@ def test_compile_trains_the_same_weights(tmp_path, cache, monkeypatch):
     a, b = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("e", "c"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
     assert compiled.metrics["test_accuracy"] == plain.metrics["test_accuracy"]
+
+
+def test_loader_workers_default_by_device(monkeypatch):
+    import os
+
+    from tmkt.train.distributed import DistInfo
+
+    one = DistInfo()
+    assert trainer.loader_workers(3, torch.device("cuda"), one) == 3  # asked for: kept
+    assert trainer.loader_workers(0, torch.device("cuda"), one) == 0
+    assert trainer.loader_workers(None, torch.device("cpu"), one) == 0  # CPU: in-process
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert trainer.loader_workers(None, torch.device("cuda"), one) == 4
+    monkeypatch.setattr(os, "cpu_count", lambda: 2)
+    assert trainer.loader_workers(None, torch.device("cuda"), one) == 1  # one core left to the main process
+    assert config_from_dict({"num_workers": None}).num_workers is None
+    with pytest.raises(ConfigError, match="num_workers"):
+        config_from_dict({"num_workers": -1})

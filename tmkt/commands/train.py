@@ -80,7 +80,9 @@ def train_command(
     seed: Optional[int] = typer.Option(None, help="Seed of everything random.", rich_help_panel=_SETTINGS),
     out: Optional[str] = typer.Option(None, help="Run directory (default runs/<timestamp>-<method>).", rich_help_panel=_SETTINGS),
     device: Optional[str] = typer.Option(None, help="auto | cpu | cuda.", rich_help_panel=_SETTINGS),
-    num_workers: Optional[int] = typer.Option(None, help="DataLoader worker processes.", rich_help_panel=_SETTINGS),
+    num_workers: Optional[int] = typer.Option(
+        None, help="DataLoader worker processes (default: 0 on CPU, up to 4 per process on CUDA).", rich_help_panel=_SETTINGS
+    ),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 autocast on CUDA.", rich_help_panel=_SETTINGS),
     channels_last: Optional[bool] = typer.Option(
         None, "--channels-last/--no-channels-last", help="Channels-last memory format on CUDA.", rich_help_panel=_SETTINGS

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import signal
 import threading
@@ -340,6 +341,18 @@ def _dataloader(dataset: Dataset, indices: list[int], batch_size: int, num_worke
     )
 
 
+def loader_workers(requested: int | None, device: torch.device, info: dist_utils.DistInfo) -> int:
+    """DataLoader workers: as requested, else 0 on CPU (in-process, the CPU is busy training) and
+    on CUDA up to 4 per process, as many as the cores allow (a batch of 120 paired samples takes
+    tens of ms to load and collate in the main process, about a GPU step)."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    per_process = (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if info.enabled else 1)
+    return max(0, min(4, per_process - 1))
+
+
 def _epoch_indices(n: int, epoch: int, seed: int, info: dist_utils.DistInfo) -> list[int]:
     sampler = DistributedSampler(range(n), num_replicas=info.world_size, rank=info.rank, shuffle=True, seed=seed)
     sampler.set_epoch(epoch)
@@ -537,6 +550,7 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
         save_resume_state(run_dir / RESUME_NAME, tensors, state)
 
     metrics_lines = resume_state["metrics_lines"] if resume_state else 0
+    workers = loader_workers(cfg.num_workers, device, info)
     compile_seconds = None
     with _catch_stop_signals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
@@ -552,7 +566,7 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
                 sums = {k: (v if info.is_main else 0.0) for k, v in resume_state.get("partial_sums", {}).items()}
             if hasattr(bundle.train, "set_epoch"):
                 bundle.train.set_epoch(epoch)
-            loader = _dataloader(bundle.train, indices[skip * per_rank_batch :], per_rank_batch, cfg.num_workers, device)
+            loader = _dataloader(bundle.train, indices[skip * per_rank_batch :], per_rank_batch, workers, device)
             model.train()
             method.train()
             progress_bar = _progress(console, info.is_main)
