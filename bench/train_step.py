@@ -128,22 +128,27 @@ def bench(name, step, args, device, results, extra=None):
     print(f"{name:22s} {row['ms_per_step']:9.1f} ms/step  (min {row['min_ms']:.1f}, first call {first_s:.1f} s)", flush=True)
 
 
-def _loop_step(variant, args, width, device, x_ev, labels):
-    net = LoopVGG(args.classes, width, args.size).to(device)
-    if "bf16" in variant:
-        net = net.to(memory_format=torch.channels_last)
-    opt = torch.optim.AdamW(net.parameters(), lr=1e-3, fused=device.type == "cuda")
-    fwd = torch.compile(net, backend=args.compile_backend) if variant.endswith("compile") else net
+def _ce_step(logits, params, bf16: bool, device, labels):
+    """A cross-entropy step with AdamW: ``logits()`` gives the mean-over-T logits ``[B, K]``."""
+    opt = torch.optim.AdamW(params, lr=1e-3, fused=device.type == "cuda")
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled="bf16" in variant):
-            loss = F.cross_entropy(fwd(x_ev).float(), labels)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = F.cross_entropy(logits().float(), labels)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         return loss.detach()
 
     return step
+
+
+def _loop_step(variant, args, width, device, x_ev, labels):
+    net = LoopVGG(args.classes, width, args.size).to(device)
+    if "bf16" in variant:
+        net = net.to(memory_format=torch.channels_last)
+    fwd = torch.compile(net, backend=args.compile_backend) if variant.endswith("compile") else net
+    return _ce_step(lambda: fwd(x_ev), net.parameters(), "bf16" in variant, device, labels)
 
 
 def _model(args, width, device, bf16):
@@ -156,18 +161,7 @@ def _model(args, width, device, bf16):
 def _sj_step(variant, args, width, device, x_ev, labels):
     bf16 = "bf16" in variant
     model = _model(args, width, device, bf16)
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
-
-    def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-            out = model(x_ev, head="event")
-            loss = F.cross_entropy(out["logits"].float().mean(0), labels)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        return loss.detach()
-
-    return step
+    return _ce_step(lambda: model(x_ev, head="event")["logits"].float().mean(0), model.parameters(), bf16, device, labels)
 
 
 def _tmkt_step(variant, args, width, device, cpu_batch):

@@ -35,7 +35,7 @@ from torch import nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from tmkt.train.losses import alignment_loss, linear_cka_per_step, mag_loss, mrp_loss, tet_loss
-from tmkt.train.tsm import mix_at_switch, sample_switch_steps, solve_switch_prob
+from tmkt.train.tsm import draw_switch_steps, mix_at_switch
 
 METHODS = ("dvs", "finetune", "ekt", "tmkt")
 MIX_SCHEDULES = ("uniform", "progress")
@@ -185,8 +185,8 @@ class MethodLoss(nn.Module):
     def compile_core(self, **options: Any) -> "MethodLoss":
         """Compile `core` (both streams' forward and all losses) as one graph; ``options`` go to
         `torch.compile`. Defaults: ``fullgraph=True`` (a graph break is not silent: it warns once
-        and falls back to compiling in pieces) and ``dynamic=False`` (a smaller last batch gets its own static graph, compiled
-        once, instead of turning every shape symbolic)."""
+        and falls back to compiling in pieces) and ``dynamic=False`` (a smaller last batch gets
+        its own static graph, compiled once, instead of turning every shape symbolic)."""
         options.setdefault("fullgraph", True)
         options.setdefault("dynamic", False)
         from torch._dynamo.exc import Unsupported
@@ -257,9 +257,7 @@ class MethodLoss(nn.Module):
             draw = (u < p_replace).to(ev.device)
             extra["replace_prob"] = p_replace
         elif c.name == "tmkt":
-            ratio = self._mix_ratio(batch, progress, generator)
-            draw = sample_switch_steps(solve_switch_prob(ratio, self.timesteps), self.timesteps, generator)
-            draw = draw.to(ev.device)
+            draw = draw_switch_steps(self._mix_ratio(batch, progress, generator), self.timesteps, generator).to(ev.device)
         loss, logs = self._core(model, st, ev, labels, draw, static_phase)
         return loss, {**logs, **extra}
 

@@ -551,7 +551,7 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
 
     metrics_lines = resume_state["metrics_lines"] if resume_state else 0
     workers = loader_workers(cfg.num_workers, device, info)
-    compile_seconds = None
+    compiling = cfg.compile  # until the first step of this process has compiled
     with _catch_stop_signals() as stop:
         for epoch in range(start_epoch, cfg.epochs):
             t0 = time.perf_counter()
@@ -595,16 +595,15 @@ def _train(cfg, device, info, console, say, resume, build_data, build_method, ov
                     progress = global_step / max(1, total_steps)
                     t_step = time.perf_counter()
                     loss, logs = train_step(objective, optimizer, batch, lr, progress, generator, device, cfg.amp)
-                    if cfg.compile and compile_seconds is None:
-                        compile_seconds = time.perf_counter() - t_step
-                        say(f"first (compiling) step: {compile_seconds:.0f} s")
+                    if compiling:
+                        say(f"first (compiling) step: {time.perf_counter() - t_step:.0f} s")
+                        compiling = False
                     global_step += 1
                     if pending is not None:
                         settle(pending)
                     pending = (loss, logs, int(batch[2].shape[0]), i)
                     if dist_utils.any_rank(stop.requested, info, device):
                         settle(pending)
-                        pending = None
                         dist_utils.broadcast_buffers(model, info)
                         checkpoint(epoch, i + 1, metrics_lines, _reduce_sums(sums, info, device))
                         say(f"\n[yellow]interrupted[/]: saved {run_dir / LAST_NAME} and the resume state.")

@@ -79,6 +79,11 @@ def sample_switch_steps(p: torch.Tensor, timesteps: int, generator: torch.Genera
     return torch.where(hit.any(dim=0), first, torch.full_like(first, timesteps))
 
 
+def draw_switch_steps(ratio: torch.Tensor, timesteps: int, generator: torch.Generator) -> torch.Tensor:
+    """0-based switch steps ``[B]`` (on the generator's device) for target mix ratios ``[B]``."""
+    return sample_switch_steps(solve_switch_prob(ratio, timesteps), timesteps, generator)
+
+
 def mix_at_switch(static: torch.Tensor, events: torch.Tensor, switch_step: torch.Tensor) -> MixedBatch:
     """The mixed sequences for given 0-based switch steps ``[B]`` (no randomness, no host sync).
 
@@ -106,6 +111,4 @@ def time_step_mixup(
     timesteps, batch = events.shape[:2]
     if ratio.shape != (batch,):
         raise ValueError(f"ratio must have shape ({batch},), got {tuple(ratio.shape)}")
-    p = solve_switch_prob(ratio, timesteps)
-    t_star = sample_switch_steps(p, timesteps, generator).to(events.device)
-    return mix_at_switch(static, events, t_star)
+    return mix_at_switch(static, events, draw_switch_steps(ratio, timesteps, generator).to(events.device))
