@@ -95,7 +95,7 @@ def bench_model(name: str, tmp: Path, threads: int, min_time: float) -> dict:
     sj, graph = build(name, tmp)
     t_steps = MODELS[name]["timesteps"]
     t0 = time.perf_counter()
-    path = export_onnx(graph, tmp / f"{name}.onnx", mode="unrolled", verify=True)
+    path = export_onnx(graph, tmp / f"{name}.onnx", mode="unrolled", verify=True).path
     export_s = time.perf_counter() - t0
     sess, provider = make_session(path, "cpu", threads)
     deploy = UnrolledModel(graph, t_steps).eval()
@@ -124,7 +124,7 @@ def bench_stream(name: str, tmp: Path, threads: int, window_ms: float = 50.0, wi
     from tmkt.data.events import EVENT_DTYPE
 
     _, graph = build(name, tmp)
-    path = export_onnx(graph, tmp / f"{name}.stream.onnx", mode="stream", verify=False)
+    path = export_onnx(graph, tmp / f"{name}.stream.onnx", mode="stream", verify=False).path
     clf = EventClassifier(path, provider="cpu", threads=threads)
     n = int(DAVIS_PEAK_EV_S * window_ms * 1e-3 * windows)
     rng = np.random.default_rng(1)

@@ -26,8 +26,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from tmkt.errors import TmktError
 
-def _pair(v: Any) -> tuple[int, int]:
+
+def as_pair(v: Any) -> tuple[int, int]:
+    """`v` or `(v, v)` as a pair of ints ((y, x) of a kernel, stride, padding or dilation)."""
     if isinstance(v, (tuple, list)):
         a, b = v
         return int(a), int(b)
@@ -65,7 +68,7 @@ class Conv2d:
     def __post_init__(self) -> None:
         self.weight = _f32(self.weight, "Conv2d.weight", 4)
         self.bias = _f32(self.bias, "Conv2d.bias", 1)
-        self.stride, self.padding, self.dilation = _pair(self.stride), _pair(self.padding), _pair(self.dilation)
+        self.stride, self.padding, self.dilation = as_pair(self.stride), as_pair(self.padding), as_pair(self.dilation)
         self.groups = int(self.groups)
         if self.bias.shape[0] != self.weight.shape[0]:
             raise ValueError(f"Conv2d.bias has {self.bias.shape[0]} entries for {self.weight.shape[0]} output channels")
@@ -104,7 +107,7 @@ class AvgPool2d:
     padding: tuple[int, int] = (0, 0)
 
     def __post_init__(self) -> None:
-        self.kernel_size, self.stride, self.padding = _pair(self.kernel_size), _pair(self.stride), _pair(self.padding)
+        self.kernel_size, self.stride, self.padding = as_pair(self.kernel_size), as_pair(self.stride), as_pair(self.padding)
 
 
 @dataclass(eq=False)
@@ -133,7 +136,7 @@ Node = Union[Input, Conv2d, Dense, AvgPool2d, Flatten, Add, LIF]
 NODE_TYPES: tuple[type, ...] = (Input, Conv2d, Dense, AvgPool2d, Flatten, Add, LIF)
 
 
-class GraphError(ValueError):
+class GraphError(TmktError, ValueError):
     """A malformed deploy graph or a layer a target cannot take (the message names the layer)."""
 
 
@@ -186,7 +189,9 @@ class DeployGraph:
         return [n for n, ins in self.inputs.items() if name in ins]
 
 
-def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
+def conv_output_size(size: int, kernel: int, stride: int, padding: int, dilation: int = 1) -> int:
+    """Length of a convolution's (or pooling's) output along one axis of length `size`."""
+    k, s, p, d = kernel, stride, padding, dilation
     return (size + 2 * p - d * (k - 1) - 1) // s + 1
 
 
@@ -202,7 +207,7 @@ def infer_shapes(g: DeployGraph) -> dict[str, tuple[int, ...]]:
             if len(s) != 3 or s[0] != node.in_channels:
                 raise GraphError(f"node {name!r} (Conv2d): input shape {s} does not match {node.in_channels} channels")
             (kh, kw), (sh, sw), (ph, pw), (dh, dw) = node.kernel_size, node.stride, node.padding, node.dilation
-            out = (node.out_channels, _conv_out(s[1], kh, sh, ph, dh), _conv_out(s[2], kw, sw, pw, dw))
+            out = (node.out_channels, conv_output_size(s[1], kh, sh, ph, dh), conv_output_size(s[2], kw, sw, pw, dw))
         elif isinstance(node, Dense):
             (s,) = ins
             if len(s) != 1 or s[0] != node.weight.shape[1]:
@@ -213,7 +218,7 @@ def infer_shapes(g: DeployGraph) -> dict[str, tuple[int, ...]]:
             if len(s) != 3:
                 raise GraphError(f"node {name!r} (AvgPool2d): needs (C, H, W) input, got {s}")
             (kh, kw), (sh, sw), (ph, pw) = node.kernel_size, node.stride, node.padding
-            out = (s[0], _conv_out(s[1], kh, sh, ph, 1), _conv_out(s[2], kw, sw, pw, 1))
+            out = (s[0], conv_output_size(s[1], kh, sh, ph, 1), conv_output_size(s[2], kw, sw, pw, 1))
         elif isinstance(node, Flatten):
             (s,) = ins
             out = (int(np.prod(s)),)
@@ -398,7 +403,7 @@ def _lower_seq(mods: list[nn.Module], b: _Builder, cur: str) -> str:
                 raise GraphError("AvgPool2d with ceil_mode or count_include_pad=False is not supported")
             cur = b.add("pool", AvgPool2d(m.kernel_size, m.stride or m.kernel_size, m.padding), (cur,))
         elif isinstance(m, nn.AdaptiveAvgPool2d):
-            if _pair(m.output_size) != (1, 1):
+            if as_pair(m.output_size) != (1, 1):
                 raise GraphError("only AdaptiveAvgPool2d(1) (global average pooling) is supported")
             # kernel = the incoming map; filled in after shapes are known (see lower()).
             cur = b.add("pool", AvgPool2d((0, 0), (0, 0)), (cur,))

@@ -22,12 +22,14 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+
+from tmkt.errors import TmktError
 FORMAT = "tmkt-export/1"
 FORMAT_KEY = "tmkt_format"
 REQUIRED_KEYS = ("tmkt_version", "timesteps", "input_shape", "sensor_size", "binning", "class_names", "neuron")
 
 
-class MetadataError(ValueError):
+class MetadataError(TmktError, ValueError):
     """Missing or malformed tmkt metadata; the message names the artefact and the key."""
 
 

@@ -35,6 +35,7 @@ from tmkt.export.graph import (
     Input,
     run_graph,
 )
+from tmkt.export.report import ExportReport, ExportVerificationError
 from tmkt.fileio import atomic_path
 
 DT = 1.0  # one time step
@@ -177,27 +178,40 @@ def _topological(names: list[str], incoming: dict[str, list[str]]) -> list[str]:
     return done
 
 
-def export_nir(g: DeployGraph, out: str | Path, verify: bool = True) -> dict[str, Any]:
-    """Write `g` to a NIR HDF5 file; with `verify`, read it back and compare outputs on random spikes.
+def export_nir(graph: DeployGraph, path: str | Path, *, verify: bool = True) -> ExportReport:
+    """Write `graph` to a NIR HDF5 file; returns its report.
 
-    Returns {"path", "max_abs_logit_diff", "spikes_identical"} (the last two only with verify).
+    With `verify`, before the file appears: it is read back and the rebuilt graph must give the
+    same step logits (within 1e-6) and the same spikes as `graph` on random binary frames;
+    otherwise ExportVerificationError and no file. Figures: max_abs_logit_diff, spikes_identical.
     """
-    out = Path(out)
-    with atomic_path(out) as tmp:
-        nir.write(tmp, graph_to_nir(g))
-    report: dict[str, Any] = {"path": str(out)}
-    if verify:
-        back = read_nir(out)
-        gen = torch.Generator().manual_seed(0)
-        t = int(g.meta.get("timesteps", 4))
-        x = (torch.rand((t, 2, *g.input_shape), generator=gen) < 0.3).float()
-        a, b = run_graph(g, x), run_graph(back, x)
-        diff = float((a["step_logits"] - b["step_logits"]).abs().max())
-        same = all(torch.equal(a["spikes"][n], b["spikes"][n]) for n in a["spikes"])
-        if diff > 1e-6 or not same or set(a["spikes"]) != set(b["spikes"]):
-            raise GraphError(f"NIR read-back of {out} differs from the deploy graph (max |dlogit| {diff:.3g})")
-        report.update(max_abs_logit_diff=diff, spikes_identical=same)
-    return report
+    path = Path(path)
+    checks = {"NIR read-back vs deploy graph": "skipped"}
+    figures: dict[str, Any] = {}
+    with atomic_path(path) as tmp:
+        nir.write(tmp, graph_to_nir(graph))
+        if verify:
+            figures = compare_readback(graph, read_nir(tmp))
+            if figures["max_abs_logit_diff"] > 1e-6 or not figures["spikes_identical"]:
+                raise ExportVerificationError(
+                    f"NIR read-back of {path} differs from the deploy graph "
+                    f"(max |dlogit| {figures['max_abs_logit_diff']:.3g})", figures,
+                )
+            checks["NIR read-back vs deploy graph"] = (
+                f"max |dlogit| {figures['max_abs_logit_diff']:.3g}, spikes identical"
+            )
+    return ExportReport("nir", path, f"{len(graph.nodes)} nodes, dt = 1 time step", checks, figures)
+
+
+def compare_readback(graph: DeployGraph, back: DeployGraph, batch: int = 2, seed: int = 0) -> dict[str, Any]:
+    """Both graphs on the same random binary frames: {"max_abs_logit_diff", "spikes_identical"}."""
+    gen = torch.Generator().manual_seed(seed)
+    t = int(graph.meta.get("timesteps", 4))
+    x = (torch.rand((t, batch, *graph.input_shape), generator=gen) < 0.3).float()
+    a, b = run_graph(graph, x), run_graph(back, x)
+    diff = float((a["step_logits"] - b["step_logits"]).abs().max())
+    same = set(a["spikes"]) == set(b["spikes"]) and all(torch.equal(a["spikes"][n], b["spikes"][n]) for n in a["spikes"])
+    return {"max_abs_logit_diff": diff, "spikes_identical": same}
 
 
 def read_nir(path: str | Path) -> DeployGraph:

@@ -20,7 +20,8 @@ and drops dead nodes.
 
 Every export ends with ``onnx.checker.check_model(full_check=True)``; with ``verify=True`` it is
 also run through onnxruntime (CPU) against the PyTorch deploy graph (`verify_onnx`) before
-the file is moved into place. Weights are embedded (no external data file).
+the file is moved into place, so a file that fails either check never appears. Weights are
+embedded (no external data file).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from __future__ import annotations
 import io
 import os
 import warnings
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -36,8 +37,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from tmkt.export.graph import Conv2d, Dense, DeployGraph, GraphError, init_state, lif_charge, step_graph
+from tmkt.export.graph import Conv2d, Dense, DeployGraph, init_state, lif_charge, step_graph
 from tmkt.export.metadata import MetadataError, decode_metadata, encode_metadata, graph_metadata
+from tmkt.export.report import ExportError, ExportReport, ExportVerificationError
 from tmkt.fileio import atomic_path
 
 MODES = ("unrolled", "stream")
@@ -48,11 +50,11 @@ MIN_OPSET, MAX_OPSET = 13, 20
 _MAX_BYTES = 2**31 - 1
 
 
-class OnnxVerificationError(RuntimeError):
+class OnnxVerificationError(ExportVerificationError):
     """onnxruntime disagrees with the PyTorch deploy graph; `.report` holds the numbers."""
 
     def __init__(self, message: str, report: "VerifyReport") -> None:
-        super().__init__(message)
+        super().__init__(message, asdict(report))
         self.report = report
 
 
@@ -148,7 +150,7 @@ def _model_proto(graph: DeployGraph, mode: str, timesteps: int, opset: int, debu
     import onnxscript.optimizer
 
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
     c, h, w = graph.input_shape
     batch = 2  # not 1: keeps the tracer from treating the batch size as a constant
     if mode == "unrolled":
@@ -188,52 +190,41 @@ def _model_proto(graph: DeployGraph, mode: str, timesteps: int, opset: int, debu
 def export_onnx(
     graph: DeployGraph,
     path: str | os.PathLike,
+    *,
+    verify: bool = True,
     mode: str = "unrolled",
     timesteps: int | None = None,
     opset: int = DEFAULT_OPSET,
-    verify: bool = True,
-) -> Path:
+) -> ExportReport:
     """Write `graph` as an ONNX model (see the module docstring for inputs and outputs).
 
     Args:
         graph: deploy graph with full metadata (`lower_run`).
         path: destination `.onnx` file; written atomically (temporary file, then rename).
+        verify: run the file through onnxruntime against the PyTorch deploy graph
+            (`verify_onnx`) before it is moved into place; raises OnnxVerificationError on
+            disagreement, and no file appears. The checker runs either way.
         mode: ``"unrolled"`` or ``"stream"``.
         timesteps: T of the unrolled model and of the metadata; default `graph.meta["timesteps"]`.
         opset: ONNX opset.
-        verify: run the file through onnxruntime against the PyTorch deploy graph
-            (`verify_onnx`); raises OnnxVerificationError on disagreement. The checker runs
-            either way.
 
     Returns:
-        the path written.
+        the report: path, mode, T and size; the checker's and onnxruntime's outcome, and the
+        `VerifyReport` figures.
     """
     import onnx
 
     if mode not in MODES:
-        raise ValueError(f"mode must be one of {MODES}, got {mode!r}")
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
     if not MIN_OPSET <= int(opset) <= MAX_OPSET:
-        raise ValueError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
+        raise ExportError(f"opset must be in {MIN_OPSET}..{MAX_OPSET}, got {opset}")
     t = int(timesteps if timesteps is not None else graph.meta.get("timesteps", 0))
     if t < 1:
-        raise ValueError(f"timesteps must be >= 1 (none given and graph.meta has none), got {t}")
-    meta = graph_metadata(
-        graph.meta,
-        timesteps=t,
-        mode=mode,
-        states=state_names(graph),
-        onnx_inputs=_io_names(graph, mode, False)[0],
-        onnx_outputs=_io_names(graph, mode, False)[1],
-    )
-    proto = _model_proto(graph, mode, t, opset, debug=False)
-    proto.producer_name = "tmkt"
-    proto.producer_version = str(meta["tmkt_version"])
-    proto.doc_string = f"tmkt {mode} SNN: {meta.get('backbone', '?')} on {meta.get('dataset', '?')}, T={t}"
-    onnx.helper.set_model_props(proto, encode_metadata(meta))
-    data = proto.SerializeToString()
-    if len(data) > _MAX_BYTES:
-        raise GraphError(f"model is {len(data) / 2**30:.2f} GiB: over the 2 GB ONNX limit for embedded weights")
+        raise ExportError(f"timesteps must be >= 1 (none given and graph.meta has none), got {t}")
+    data = _serialized_model(graph, mode, t, opset)
     path = Path(path)
+    checks = {"onnx.checker": "ok", "onnxruntime vs PyTorch": "skipped"}
+    figures: dict[str, Any] = {}
     with atomic_path(path, suffix=".onnx") as tmp:
         tmp.write_bytes(data)
         onnx.checker.check_model(str(tmp), full_check=True)
@@ -241,7 +232,32 @@ def export_onnx(
             report = verify_onnx(graph, tmp)
             if not report.ok:
                 raise OnnxVerificationError(f"{path}: onnxruntime disagrees with PyTorch: {report.summary()}", report)
-    return path
+            checks["onnxruntime vs PyTorch"] = report.summary()
+            figures = asdict(report)
+    return ExportReport("onnx", path, f"{mode}, T={t}, {len(data) / 1024:.1f} KiB", checks, figures)
+
+
+def _serialized_model(graph: DeployGraph, mode: str, timesteps: int, opset: int) -> bytes:
+    """The ONNX file's bytes: the traced model with tmkt's metadata."""
+    import onnx
+
+    meta = graph_metadata(
+        graph.meta,
+        timesteps=timesteps,
+        mode=mode,
+        states=state_names(graph),
+        onnx_inputs=_io_names(graph, mode, False)[0],
+        onnx_outputs=_io_names(graph, mode, False)[1],
+    )
+    proto = _model_proto(graph, mode, timesteps, opset, debug=False)
+    proto.producer_name = "tmkt"
+    proto.producer_version = str(meta["tmkt_version"])
+    proto.doc_string = f"tmkt {mode} SNN: {meta.get('backbone', '?')} on {meta.get('dataset', '?')}, T={timesteps}"
+    onnx.helper.set_model_props(proto, encode_metadata(meta))
+    data = proto.SerializeToString()
+    if len(data) > _MAX_BYTES:
+        raise ExportError(f"model is {len(data) / 2**30:.2f} GiB: over the 2 GB ONNX limit for embedded weights")
+    return data
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, Any]:
@@ -332,9 +348,11 @@ def _torch_reference(graph: DeployGraph, x: torch.Tensor) -> dict[str, Any]:
 
 def _session(model: str | bytes):
     """A quiet CPU onnxruntime session: verification compares against PyTorch on the CPU."""
-    from tmkt.runtime.classifier import make_session
+    import onnxruntime as ort
 
-    return make_session(model, "cpu")[0]
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
 def _run_onnx(sess, mode: str, graph: DeployGraph, x: np.ndarray, debug: bool) -> tuple[np.ndarray, dict[str, np.ndarray]]:

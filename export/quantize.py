@@ -30,11 +30,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 
-from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, Flatten, GraphError, Input
+from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, Flatten, GraphError, Input, conv_output_size
 
 TARGET = "lava (netx 0.6.0)"
 WEIGHT_MIN, WEIGHT_MAX = -256, 254  # netx clips mixed-sign dense weights outside this range
@@ -58,13 +58,36 @@ class CubaParams:
     ref_delay: int = 1
 
 
-@dataclass(eq=False)
-class FloatLayer:
-    """One netx layer in float64 before quantization: synapse + LIF (or the readout head).
+@dataclass(frozen=True, kw_only=True)
+class ConvGeometry:
+    """Stride, padding and dilation ((y, x) pairs) and groups of a convolution. A dense layer
+    keeps the default, which is no geometry at all (stride 1, no padding)."""
+
+    stride: tuple[int, int] = (1, 1)
+    padding: tuple[int, int] = (0, 0)
+    dilation: tuple[int, int] = (1, 1)
+    groups: int = 1
+
+    @classmethod
+    def of(cls, conv: Conv2d) -> ConvGeometry:
+        return cls(stride=conv.stride, padding=conv.padding, dilation=conv.dilation, groups=conv.groups)
+
+    def output_shape(self, out_channels: int, in_shape: tuple[int, ...], kernel_size: tuple[int, int]) -> tuple[int, int, int]:
+        """(C, H, W) of the convolution's output for an input map `in_shape` (C, H, W)."""
+        height, width = (
+            conv_output_size(size, k, s, p, d)
+            for size, k, s, p, d in zip(in_shape[1:], kernel_size, self.stride, self.padding, self.dilation)
+        )
+        return (out_channels, height, width)
+
+
+@dataclass(eq=False, kw_only=True)
+class NetxLayer:
+    """One netx layer: a synapse (conv or dense) and its neurons.
 
     `kind` "conv": weight [O, I/groups, kh, kw] (PyTorch order, correlation); "dense": [O, I].
     `in_shape`/`out_shape` exclude the batch: (C, H, W) or (N,). `flatten` marks a dense layer
-    fed by a (C, H, W) map, flattened in C, H, W order. `lif` is None for the readout head.
+    fed by a (C, H, W) map, flattened in C, H, W order.
     """
 
     name: str
@@ -73,32 +96,40 @@ class FloatLayer:
     bias: np.ndarray
     in_shape: tuple[int, ...]
     out_shape: tuple[int, ...]
-    lif: LIF | None
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
+    geometry: ConvGeometry = ConvGeometry()
     flatten: bool = False
 
+    @property
+    def stride(self) -> tuple[int, int]:
+        return self.geometry.stride
 
-@dataclass(eq=False)
-class QLayer:
-    """A quantized netx layer: integer weight/bias (int32) plus CUBA parameters and its scale."""
+    @property
+    def padding(self) -> tuple[int, int]:
+        return self.geometry.padding
 
-    name: str
-    kind: str
-    weight: np.ndarray
-    bias: np.ndarray
-    in_shape: tuple[int, ...]
-    out_shape: tuple[int, ...]
+    @property
+    def dilation(self) -> tuple[int, int]:
+        return self.geometry.dilation
+
+    @property
+    def groups(self) -> int:
+        return self.geometry.groups
+
+
+@dataclass(eq=False, kw_only=True)
+class FloatLayer(NetxLayer):
+    """A netx layer in float64 before quantization; `lif` is None for the readout head."""
+
+    lif: LIF | None
+
+
+@dataclass(eq=False, kw_only=True)
+class QLayer(NetxLayer):
+    """A quantized netx layer: integer weight/bias (int32), CUBA parameters and its weight scale."""
+
     neuron: CubaParams
     scale: float
     readout: bool = False
-    stride: tuple[int, int] = (1, 1)
-    padding: tuple[int, int] = (0, 0)
-    dilation: tuple[int, int] = (1, 1)
-    groups: int = 1
-    flatten: bool = False
 
 
 @dataclass(eq=False)
@@ -139,11 +170,12 @@ def fold_pool_into_conv(pool: AvgPool2d, conv: Conv2d, in_shape: tuple[int, int,
     o, ig, _, _ = w_src.shape
     kh_eff, kw_eff = s_h * d_h * (kk_h - 1) + k_h, s_w * d_w * (kk_w - 1) + k_w
     folded = np.zeros((o, ig, kh_eff, kw_eff))
-    for a in range(kk_h):
-        for b in range(kk_w):
-            for u in range(k_h):
-                for v in range(k_w):
-                    folded[:, :, s_h * d_h * a + u, s_w * d_w * b + v] += w_src[:, :, a, b] / (k_h * k_w)
+    for tap_y in range(kk_h):  # every tap of the conv kernel reads a k_h x k_w window of the pooling
+        for tap_x in range(kk_w):
+            for pool_y in range(k_h):
+                for pool_x in range(k_w):
+                    y, x = s_h * d_h * tap_y + pool_y, s_w * d_w * tap_x + pool_x
+                    folded[:, :, y, x] += w_src[:, :, tap_y, tap_x] / (k_h * k_w)
     return Conv2d(
         folded, conv.bias.astype(np.float64), (s_h * ss_h, s_w * ss_w), (s_h * pp_h + p_h, s_w * pp_w + p_w), (1, 1), conv.groups
     )
@@ -182,28 +214,37 @@ def _chain(g: DeployGraph) -> list[str]:
     return names
 
 
+class _Synapse(NamedTuple):
+    """A conv or dense layer (pooling folded in) waiting for the LIF that turns its current into spikes."""
+
+    name: str
+    node: Conv2d | Dense
+    in_shape: tuple[int, ...]
+    flatten: bool
+
+
 def fold_for_netx(g: DeployGraph) -> list[FloatLayer]:
     """Group the deploy graph into netx layers (pooling folded), float64; raises naming the layer."""
     names = _chain(g)
     layers: list[FloatLayer] = []
     pending: list[tuple[str, AvgPool2d | Flatten]] = []  # pool/flatten after a spike source
     src_shape: tuple[int, ...] = g.input_shape  # shape of the last spike source (input or LIF)
-    syn: tuple[str, Conv2d | Dense, tuple[int, ...], bool] | None = None  # synapse awaiting its LIF
+    waiting: _Synapse | None = None  # synapse awaiting its LIF
 
     for name in names[1:]:
         node = g.nodes[name]
         if isinstance(node, (AvgPool2d, Flatten)):
-            if syn is not None:
+            if waiting is not None:
                 raise LavaExportError(
-                    f"layer {name!r} ({type(node).__name__}) between {syn[0]!r} and its neuron: "
+                    f"layer {name!r} ({type(node).__name__}) between {waiting.name!r} and its neuron: "
                     f"a neuron layer on {TARGET} must receive a synapse's current directly"
                 )
             pending.append((name, node))
             continue
         if isinstance(node, (Conv2d, Dense)):
-            if syn is not None:
+            if waiting is not None:
                 raise LavaExportError(
-                    f"layer {name!r} reads the current of {syn[0]!r} (no neuron between): "
+                    f"layer {name!r} reads the current of {waiting.name!r} (no neuron between): "
                     f"the input of every synaptic layer on {TARGET} must be binary spikes"
                 )
             cur, flatten = node, False
@@ -227,42 +268,39 @@ def fold_for_netx(g: DeployGraph) -> list[FloatLayer]:
             if isinstance(cur, Conv2d) and len(shape) != 3:
                 raise LavaExportError(f"layer {name!r}: Conv2d needs a (C, H, W) input, got {shape}")
             pending = []
-            syn = (name, cur, shape, flatten)
+            waiting = _Synapse(name, cur, shape, flatten)
             if name == g.output:
-                layers.append(_float_layer(name, cur, shape, None, flatten))
-                syn = None
+                layers.append(_float_layer(waiting, name, None))
+                waiting = None
             continue
         if isinstance(node, LIF):
-            if syn is None:
+            if waiting is None:
                 raise LavaExportError(
                     f"layer {name!r} (LIF) is not fed by a Conv2d or Dense (non-binary input to a neuron layer); "
                     f"{TARGET} cannot take it"
                 )
             if node.v_reset != 0.0:
                 raise LavaExportError(f"layer {name!r}: v_reset={node.v_reset} but Loihi CUBA neurons reset to 0")
-            sname, cur, shape, flatten = syn
-            layers.append(_float_layer(f"{sname}+{name}", cur, shape, node, flatten))
-            src_shape, syn = g.shapes[name], None
+            layers.append(_float_layer(waiting, f"{waiting.name}+{name}", node))
+            src_shape, waiting = g.shapes[name], None
             continue
         raise LavaExportError(f"layer {name!r}: {type(node).__name__} is not supported on {TARGET}")
-    if syn is not None or pending:
+    if waiting is not None or pending:
         raise LavaExportError(f"the graph ends without a readout: {TARGET} export needs a Dense head as last layer")
     if not layers or layers[-1].lif is not None or layers[-1].kind != "dense":
         raise LavaExportError(f"graph output {g.output!r} must be a Dense head for {TARGET}")
     return layers
 
 
-def _conv_out(size: int, k: int, s: int, p: int, d: int) -> int:
-    return (size + 2 * p - d * (k - 1) - 1) // s + 1
-
-
-def _float_layer(name: str, syn: Conv2d | Dense, in_shape: tuple[int, ...], lif: LIF | None, flatten: bool) -> FloatLayer:
-    w, b = syn.weight.astype(np.float64), syn.bias.astype(np.float64)
-    if isinstance(syn, Conv2d):
-        (kh, kw), (sh, sw), (ph, pw), (dh, dw) = syn.kernel_size, syn.stride, syn.padding, syn.dilation
-        out = (syn.out_channels, _conv_out(in_shape[1], kh, sh, ph, dh), _conv_out(in_shape[2], kw, sw, pw, dw))
-        return FloatLayer(name, "conv", w, b, tuple(in_shape), out, lif, syn.stride, syn.padding, syn.dilation, syn.groups)
-    return FloatLayer(name, "dense", w, b, tuple(in_shape), (w.shape[0],), lif, flatten=flatten)
+def _float_layer(synapse: _Synapse, name: str, lif: LIF | None) -> FloatLayer:
+    weight, bias = synapse.node.weight.astype(np.float64), synapse.node.bias.astype(np.float64)
+    if isinstance(synapse.node, Conv2d):
+        geometry = ConvGeometry.of(synapse.node)
+        out_shape = geometry.output_shape(synapse.node.out_channels, synapse.in_shape, synapse.node.kernel_size)
+        return FloatLayer(name=name, kind="conv", weight=weight, bias=bias, in_shape=tuple(synapse.in_shape),
+                          out_shape=out_shape, geometry=geometry, lif=lif)
+    return FloatLayer(name=name, kind="dense", weight=weight, bias=bias, in_shape=tuple(synapse.in_shape),
+                      out_shape=(weight.shape[0],), flatten=synapse.flatten, lif=lif)
 
 
 # ---------------------------------------------------------------- quantization
@@ -298,24 +336,24 @@ MIN_WEIGHT_BITS = 5  # below this many magnitude bits the layer is refused rathe
 def quantize_layer(layer: FloatLayer) -> QLayer:
     """Integer weights/bias and CUBA parameters of one layer; raises naming it on overflow."""
     scale = layer_scale(layer)
-    w = np.rint(layer.weight * scale).astype(np.int64)
-    while _worst_current(w.astype(np.float64), np.zeros(w.shape[0])) > CURRENT_MAX:  # rounding pushed it over
+    weight_int = np.rint(layer.weight * scale).astype(np.int64)
+    while _worst_current(weight_int.astype(np.float64), np.zeros(weight_int.shape[0])) > CURRENT_MAX:  # rounding pushed it over
         scale *= 0.999
-        w = np.rint(layer.weight * scale).astype(np.int64)
-    b = np.rint(layer.bias * scale).astype(np.int64)
-    if not w.any():
+        weight_int = np.rint(layer.weight * scale).astype(np.int64)
+    bias_int = np.rint(layer.bias * scale).astype(np.int64)
+    if not weight_int.any():
         raise LavaExportError(f"layer {layer.name!r}: weights round to zero at 8 bits")
-    if w.min() < WEIGHT_MIN or w.max() > WEIGHT_MAX:
-        raise LavaExportError(f"layer {layer.name!r}: weights overflow 8 bits ({w.min()}..{w.max()})")
-    if np.abs(b).max(initial=0) > BIAS_MAX:
-        raise LavaExportError(f"layer {layer.name!r}: bias overflows 13 bits ({np.abs(b).max()} > {BIAS_MAX})")
-    if np.abs(w).max() < 2 ** (MIN_WEIGHT_BITS - 1):
+    if weight_int.min() < WEIGHT_MIN or weight_int.max() > WEIGHT_MAX:
+        raise LavaExportError(f"layer {layer.name!r}: weights overflow 8 bits ({weight_int.min()}..{weight_int.max()})")
+    if np.abs(bias_int).max(initial=0) > BIAS_MAX:
+        raise LavaExportError(f"layer {layer.name!r}: bias overflows 13 bits ({np.abs(bias_int).max()} > {BIAS_MAX})")
+    if np.abs(weight_int).max() < 2 ** (MIN_WEIGHT_BITS - 1):
         raise LavaExportError(
             f"layer {layer.name!r}: bias overflows 13 bits unless the weights keep fewer than {MIN_WEIGHT_BITS} bits "
-            f"(max |weight| {np.abs(w).max()} at scale {scale:.4g}); the bias is too large relative to the weights"
+            f"(max |weight| {np.abs(weight_int).max()} at scale {scale:.4g}); the bias is too large relative to the weights"
         )
     if layer.lif is None:  # readout: perfect integrator that never spikes below 2^17 - 1
-        neuron = CubaParams(DECAY_UNITY, 0, VTH_MAX)
+        neuron = CubaParams(i_decay=DECAY_UNITY, v_decay=0, v_th_mant=VTH_MAX)
     else:
         if layer.lif.v_threshold <= 0:
             raise LavaExportError(f"layer {layer.name!r}: v_threshold must be > 0, got {layer.lif.v_threshold}")
@@ -326,10 +364,11 @@ def quantize_layer(layer: FloatLayer) -> QLayer:
                 "the weights are too small relative to v_threshold"
             )
         v_decay = int(round(DECAY_UNITY / layer.lif.tau))
-        neuron = CubaParams(DECAY_UNITY, v_decay, max(v_th, 0))
+        neuron = CubaParams(i_decay=DECAY_UNITY, v_decay=v_decay, v_th_mant=max(v_th, 0))
     return QLayer(
-        layer.name, layer.kind, w.astype(np.int32), b.astype(np.int32), layer.in_shape, layer.out_shape, neuron,
-        float(scale), layer.lif is None, layer.stride, layer.padding, layer.dilation, layer.groups, layer.flatten,
+        name=layer.name, kind=layer.kind, weight=weight_int.astype(np.int32), bias=bias_int.astype(np.int32), in_shape=layer.in_shape,
+        out_shape=layer.out_shape, geometry=layer.geometry, flatten=layer.flatten, neuron=neuron, scale=float(scale),
+        readout=layer.lif is None,
     )
 
 

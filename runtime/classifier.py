@@ -27,10 +27,12 @@ from typing import Any
 
 import numpy as np
 
+
+from tmkt.errors import TmktError
 PROVIDERS = ("auto", "cuda", "cpu")
 
 
-class InferenceError(RuntimeError):
+class InferenceError(TmktError, RuntimeError):
     """The model cannot run as asked (wrong mode, provider not available, bad input)."""
 
 

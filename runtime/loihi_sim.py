@@ -1,204 +1,108 @@
-"""Bit-accurate numpy simulation of a netx network as lava runs it with `select_tag="fixed_pt"`.
-
-Follows lava-nc 0.10.0's fixed-point process models (read from its source):
-- CUBA neuron (`PyLifModelBitAcc`, `PyLifResetModelBitAcc` in lava/proc/lif/models.py), per step:
-      u = sign(p) * (|p| >> 12) + (a_in << 6),   p = u * (4096 - iDecay)     (netx du = iDecay - 1,
-          and the model adds ds_offset 1 back); then u wraps once into (-2^23, 2^23]
-      v = sign(q) * (|q| >> 12) + u + (bias << 6), q = v * (4096 - vDecay)   (bias_exp = 6 in netx)
-          saturated to [-(2^23 - 1), 2^23 - 1]
-      spike = v > (vThMant << 6); v = 0 where it spiked (u is kept).
-- Dense (`PyDenseModelBitAcc`): a_out = W @ s_in, exact integers; netx first clips mixed-sign
-  weights to [-256, 254], the model's exponent/truncation round trip is exact for such ints.
-- Conv (`PyConvModelFixed`): true convolution of the flipped kernel (= PyTorch correlation of
-  the stored kernel), output wrapped to signed 24 bits.
-- Every synapse sends the previous step's result: one step of latency per synaptic layer.
-- `hdf5.Network(reset_interval=T)` zeroes u and v of layer k (input = 0) at the steps
-  t = 1 + k (mod T), i.e. exactly when the first frame of each sample reaches that layer.
-
-Because of that reset, layer k's spikes at lava step 1 + n*T + j + k are a function of sample n
-alone; this simulator therefore computes the *aligned* view, every layer on frames j = 0..T-1 of
-a batch of samples, vectorised over the batch, and `to_lava_timeline` / `from_lava_timeline`
-convert to and from lava's pipelined, back-to-back timeline.
-"""
+"""Loihi on the host: the accuracy of a netx export on a data set, with the bit-accurate simulator
+(`tmkt.export.netx_sim`) beside the float model it came from. `tmkt eval FILE.net` calls this."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
+import time
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-if TYPE_CHECKING:
-    from tmkt.export.quantize import QLayer, QuantizedNet
+from tmkt.errors import TmktError
+from tmkt.export.graph import DeployGraph, lower_run, run_graph
+from tmkt.export.netx import read_meta, read_netx
+from tmkt.export.netx_sim import simulate, to_spikes
 
-UV_MAX = 2**23
-DECAY_SHIFT = 12
-ACT_SHIFT = 6  # synaptic input, bias (bias_exp) and threshold are MSB-aligned by 6 bits
+SPLITS = ("test", "val", "train")
 
 
-@dataclass
-class SimResult:
-    """Aligned outputs for a batch.
+class NetxEvalError(TmktError, ValueError):
+    """A netx file that cannot be evaluated as asked (split, data set, missing metadata)."""
 
-    spikes: per netx layer, input first, `[T, B, *shape]` uint8 ((C, H, W) or (N,)).
-    readout_v: `[T, B, K]` membrane (int64, 1/64 units) of the readout layer.
-    readout_current: `[B, K]` sum over T of the readout's input current + bias (integer logits).
-    readout_in_range: `[B]` True where the readout membrane never saturated or spiked, i.e.
-        where reading `v / 64` on Loihi gives exactly `readout_current`.
+
+def _source_run(meta: dict[str, Any], run_dir: str | Path | None):
+    """The run the file was exported from (`run_dir`, else `meta.source_run`), or None."""
+    from tmkt.checkpoint import load_run
+
+    src = Path(run_dir) if run_dir else (Path(meta["source_run"]) if meta.get("source_run") else None)
+    if src is None or not (src / "config.json").exists():
+        return None
+    return load_run(src)
+
+
+def _data_bundle(meta: dict[str, Any], run, name: str, data_root, cache_dir, seed: int, options: dict | None):
+    """The data the run was trained and tested on; without the run, the file's binning and `seed`."""
+    from tmkt.data.registry import build_data, build_data_for_run
+
+    try:
+        if run is not None:
+            return build_data_for_run(run.config, dataset=name, data_root=data_root, cache_dir=cache_dir, options=options)
+        if options is None:
+            options = {k: meta["binning"][k] for k in ("by", "binary") if k in meta.get("binning", {})}
+        return build_data(name, timesteps=int(meta["timesteps"]), input_size=tuple(meta["input_shape"][1:]),
+                          data_root=data_root, cache_dir=cache_dir, seed=seed, options=options or None)
+    except (ValueError, KeyError) as e:  # the data package reports a bad name or option as ValueError
+        raise NetxEvalError(f"data set {name!r}: {e}") from e
+
+
+def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "test", *, run_dir: str | Path | None = None,
+                  data_root: str | None = None, cache_dir: str | None = None, limit: int | None = None,
+                  batch_size: int = 64, seed: int = 0, options: dict | None = None,
+                  input_threshold: float | None = None) -> dict[str, Any]:
+    """Accuracy of a netx export (bit-accurate simulator) beside its float model.
+
+    The float model is the run directory recorded at export (`meta.source_run`, or `run_dir`);
+    it sees the frames as in training. The quantized network sees binary spikes, frame >
+    input_threshold (default: the file's `meta.input_threshold`, 0.5).
+    Returns {"quantized_accuracy", "float_accuracy" (None without the run), "float_binary_accuracy"
+    (float model on the binarized input), "agreement", "readout_in_range", "samples", "seconds",
+    "dataset", "split"}.
     """
-
-    spikes: list[np.ndarray]
-    readout_v: np.ndarray
-    readout_current: np.ndarray
-    readout_in_range: np.ndarray
-
-    @property
-    def prediction(self) -> np.ndarray:
-        """`[B]` class index: argmax of the integer logits (first on ties)."""
-        return self.readout_current.argmax(axis=1)
-
-
-def to_spikes(frames: np.ndarray, threshold: float = 0.0) -> np.ndarray:
-    """Event frames (counts) -> binary input spikes: 1 where frame > threshold (uint8)."""
-    return (np.asarray(frames) > threshold).astype(np.uint8)
-
-
-# ---------------------------------------------------------------- neuron
-
-
-def _decay(x: np.ndarray, decay: int) -> np.ndarray:
-    p = x * (4096 - int(decay))
-    return np.sign(p) * (np.abs(p) >> DECAY_SHIFT)
-
-
-def cuba_step(
-    a_in: np.ndarray, u: np.ndarray, v: np.ndarray, bias: np.ndarray, i_decay: int, v_decay: int, v_th_mant: int
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """One CUBA update (all int64): returns (spikes bool, u, v). See the module docstring."""
-    u = _decay(u, i_decay) + (a_in << ACT_SHIFT)
-    # lava wraps once: (2^23 + k) -> k - 2^23 ... exactly its two np.where's
-    u = np.where(u > UV_MAX, u - 2 * UV_MAX, np.where(u <= -UV_MAX, u + 2 * UV_MAX, u))
-    v = np.clip(_decay(v, v_decay) + u + (bias << ACT_SHIFT), -(UV_MAX - 1), UV_MAX - 1)
-    s = v > (int(v_th_mant) << ACT_SHIFT)
-    return s, u, np.where(s, 0, v)
+    if split not in SPLITS:
+        raise NetxEvalError(f"split must be test, val or train, got {split!r}")
+    meta = read_meta(path)
+    if input_threshold is None:
+        input_threshold = float(meta.get("input_threshold", 0.0))
+    name = dataset or meta.get("dataset", "digits")
+    run = _source_run(meta, run_dir)
+    graph = lower_run(run) if run is not None else None
+    samples = getattr(_data_bundle(meta, run, name, data_root, cache_dir, seed, options), split)
+    n_total = len(samples) if limit is None else min(limit, len(samples))
+    start = time.perf_counter()
+    counts = _count_correct(read_netx(path), graph, samples, n_total, batch_size, input_threshold)
+    n = max(n_total, 1)
+    with_float = graph is not None
+    return {
+        "dataset": name, "split": split, "samples": n_total,
+        "quantized_accuracy": counts["quantized"] / n,
+        "float_accuracy": counts["float"] / n if with_float else None,
+        "float_binary_accuracy": counts["float_binary"] / n if with_float else None,
+        "agreement": counts["agree"] / n if with_float else None,
+        "readout_in_range": counts["in_range"] / n, "input_threshold": input_threshold,
+        "seconds": time.perf_counter() - start,
+    }
 
 
-def run_cuba(
-    a_in: np.ndarray, bias: np.ndarray, i_decay: int, v_decay: int, v_th_mant: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Run a CUBA layer over `a_in` `[T, B, *shape]` from zero state; returns (spikes uint8, v)."""
-    u = np.zeros(a_in.shape[1:], np.int64)
-    v = np.zeros(a_in.shape[1:], np.int64)
-    spikes, vs = np.zeros(a_in.shape, np.uint8), np.zeros(a_in.shape, np.int64)
-    for t in range(a_in.shape[0]):
-        s, u, v = cuba_step(a_in[t].astype(np.int64), u, v, bias, i_decay, v_decay, v_th_mant)
-        spikes[t], vs[t] = s, v
-    return spikes, vs
+def _count_correct(net, graph: DeployGraph | None, samples, n_total: int, batch_size: int,
+                   input_threshold: float) -> dict[str, int]:
+    """Correct predictions of the simulator and (with `graph`) of the float model, in batches."""
+    import torch
 
-
-# ---------------------------------------------------------------- synapses
-
-
-def _matmul_exact(a: np.ndarray, w: np.ndarray) -> np.ndarray:
-    """Integer a @ w via float BLAS; exact because every partial sum is bounded below 2^24
-    (float32) or 2^53 (float64) by sum|w| (a is 0/1)."""
-    bound = float(np.abs(w).sum(axis=0).max(initial=0))
-    dtype = np.float32 if bound < 2**24 else np.float64
-    return np.rint(a.astype(dtype) @ w.astype(dtype)).astype(np.int64)
-
-
-def dense_current(x: np.ndarray, weight: np.ndarray) -> np.ndarray:
-    """`x` `[N, I]` binary -> `[N, O]` integer currents."""
-    return _matmul_exact(x, weight.T)
-
-
-def conv_current(
-    x: np.ndarray, weight: np.ndarray, stride: tuple[int, int], padding: tuple[int, int],
-    dilation: tuple[int, int], groups: int, chunk_bytes: int = 1 << 27,
-) -> np.ndarray:
-    """`x` `[N, C, H, W]` binary, `weight` `[O, C/g, kh, kw]` (correlation, PyTorch order) ->
-    `[N, O, Ho, Wo]` integer currents wrapped to signed 24 bits as lava's fixed-point conv does."""
-    n, c, h, w = x.shape
-    o, cg, kh, kw = weight.shape
-    (sh, sw), (ph, pw), (dh, dw) = stride, padding, dilation
-    xp = np.pad(x, ((0, 0), (0, 0), (ph, ph), (pw, pw)))
-    win = np.lib.stride_tricks.sliding_window_view(xp, (dh * (kh - 1) + 1, dw * (kw - 1) + 1), axis=(2, 3))
-    win = win[:, :, ::sh, ::sw, ::dh, ::dw]  # [N, C, Ho, Wo, kh, kw]
-    ho, wo = win.shape[2], win.shape[3]
-    og = o // groups
-    out = np.empty((n, o, ho, wo), np.int64)
-    per_sample = ho * wo * cg * kh * kw * 4
-    step = max(1, chunk_bytes // max(per_sample, 1))
-    for g in range(groups):
-        wg = weight[g * og:(g + 1) * og].reshape(og, -1).T  # [cg*kh*kw, og]
-        for i in range(0, n, step):
-            cols = win[i:i + step, g * cg:(g + 1) * cg].transpose(0, 2, 3, 1, 4, 5).reshape(-1, cg * kh * kw)
-            res = _matmul_exact(cols, wg).reshape(-1, ho, wo, og)
-            out[i:i + step, g * og:(g + 1) * og] = res.transpose(0, 3, 1, 2)
-    return (out + (1 << 23)) % (1 << 24) - (1 << 23)
-
-
-def netx_dense_weight(weight: np.ndarray) -> np.ndarray:
-    """The dense weight lava uses: netx's optimize_weight_bits clips mixed-sign matrices."""
-    w = weight.astype(np.int64)
-    if (w.max() > 254 and w.min() < 0) or (w.min() < -256 and w.max() > 0):
-        w = np.clip(w, -256, 254)
-    return w
-
-
-def layer_current(layer: QLayer, x: np.ndarray) -> np.ndarray:
-    """Synaptic current of one layer for binary input `x` `[N, *in_shape]`."""
-    if layer.kind == "conv":
-        return conv_current(x, layer.weight.astype(np.int64), layer.stride, layer.padding, layer.dilation, layer.groups)
-    return dense_current(x.reshape(x.shape[0], -1), netx_dense_weight(layer.weight))
-
-
-# ---------------------------------------------------------------- network
-
-
-def simulate(net: QuantizedNet, spikes: np.ndarray) -> SimResult:
-    """Run binary input `spikes` `[T, B, C, H, W]` through `net`, aligned per sample.
-
-    The input layer (iDecay 4096, vDecay 4096, vThMant 0) passes a 0/1 input through unchanged;
-    larger integer inputs also give one spike (it fires on a_in >= 1).
-    """
-    x = np.asarray(spikes)
-    if x.ndim != 5 or tuple(x.shape[2:]) != tuple(net.input_shape):
-        raise ValueError(f"spikes must be [T, B, {', '.join(map(str, net.input_shape))}], got {x.shape}")
-    if np.any(x < 0) or not np.all(np.equal(np.mod(x, 1), 0)):
-        raise ValueError("input spikes must be non-negative integers (binarize frames with to_spikes)")
-    t, b = x.shape[:2]
-    cur = (x > 0).astype(np.uint8)
-    out = [cur]
-    readout_v = readout_current = None
-    for layer in net.layers:
-        a = layer_current(layer, cur.reshape(t * b, *cur.shape[2:])).reshape(t, b, *layer.out_shape)
-        bias = layer.bias.astype(np.int64).reshape(-1, *([1] * (len(layer.out_shape) - 1)))
-        n = layer.neuron
-        cur, v = run_cuba(a, bias, n.i_decay, n.v_decay, n.v_th_mant)
-        out.append(cur)
-        if layer.readout:
-            readout_v = v
-            readout_current = (a + bias).sum(axis=0)
-    if readout_v is None or readout_current is None:
-        raise ValueError("the network has no readout layer")
-    n = net.layers[-1].neuron
-    in_range = (np.abs(readout_v).max(axis=0).max(axis=1) < UV_MAX - 1) & ~out[-1].any(axis=(0, 2)).astype(bool)
-    in_range &= (n.v_decay == 0)
-    return SimResult(out, readout_v, readout_current, in_range)
-
-
-def to_lava_timeline(aligned: np.ndarray, layer_index: int, total_steps: int) -> np.ndarray:
-    """Aligned `[T, N, ...]` of layer k -> lava's back-to-back timeline `[steps, ...]` (0-based:
-    frame j of sample n at step n*T + j + k); steps outside any sample are zero."""
-    t, n = aligned.shape[:2]
-    out = np.zeros((total_steps, *aligned.shape[2:]), aligned.dtype)
-    seq = aligned.transpose(1, 0, *range(2, aligned.ndim)).reshape(t * n, *aligned.shape[2:])
-    out[layer_index:layer_index + t * n] = seq[: max(0, total_steps - layer_index)]
-    return out
-
-
-def from_lava_timeline(timeline: np.ndarray, layer_index: int, t: int, n: int) -> np.ndarray:
-    """Inverse of `to_lava_timeline`: `[steps, ...]` -> aligned `[T, N, ...]`."""
-    seq = timeline[layer_index:layer_index + t * n]
-    return seq.reshape(n, t, *timeline.shape[1:]).transpose(1, 0, *range(2, timeline.ndim + 1))
+    counts = dict.fromkeys(("quantized", "float", "float_binary", "agree", "in_range"), 0)
+    for lo in range(0, n_total, batch_size):
+        items = [samples[i] for i in range(lo, min(lo + batch_size, n_total))]
+        # training splits yield (static, events, label), the others (events, label)
+        frames = np.stack([np.asarray(it[-2] if len(it) == 3 else it[0], np.float32) for it in items], axis=1)
+        labels = np.asarray([int(it[-1]) for it in items])
+        spikes = to_spikes(frames, input_threshold)
+        sim = simulate(net, spikes)
+        counts["quantized"] += int((sim.prediction == labels).sum())
+        counts["in_range"] += int(sim.readout_in_range.sum())
+        if graph is not None:
+            float_pred = run_graph(graph, torch.from_numpy(frames))["logits"].argmax(1).numpy()
+            binary_pred = run_graph(graph, torch.from_numpy(spikes.astype(np.float32)))["logits"].argmax(1).numpy()
+            counts["float"] += int((float_pred == labels).sum())
+            counts["float_binary"] += int((binary_pred == labels).sum())
+            counts["agree"] += int((binary_pred == sim.prediction).sum())
+    return counts

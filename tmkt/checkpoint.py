@@ -25,6 +25,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tmkt import __version__
+from tmkt.errors import TmktError
 from tmkt.fileio import atomic_path
 from tmkt.models import ModelConfig, SpikingNet, build_model
 
@@ -34,7 +35,7 @@ WEIGHTS_NAME = "model.safetensors"
 REQUIRED_DATA_FIELDS = ("name", "class_names", "sensor_size", "input_size", "timesteps", "binning")
 
 
-class CheckpointError(ValueError):
+class CheckpointError(TmktError, ValueError):
     """A run directory that cannot be loaded; the message names the file and the field."""
 
 

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from tmkt.checkpoint import load_run, save_run
 from tmkt.export import graph as G
-from tmkt.export.lava import export_lava, read_meta, read_netx, verify_with_lava, write_netx
+from tmkt.export.netx import export_netx, read_meta, read_netx, write_netx
 from tmkt.export.quantize import (
     LavaExportError,
     fold_for_netx,
@@ -21,7 +21,8 @@ from tmkt.export.quantize import (
 )
 from tmkt.models import ModelConfig, build_model
 from tmkt.models import randomize_batchnorm as randomize_bn
-from tmkt.runtime.loihi_sim import simulate
+from tmkt.export.netx_sim import simulate
+from tmkt.runtime.lava import lava_check, verify_with_lava
 
 
 def chain(nodes, meta=None):
@@ -213,7 +214,7 @@ def torch_integer_reference(net, spikes):
 
 def test_exported_small_model_simulator_equals_pytorch_integer_model(tmp_path):
     run = make_run(tmp_path, size=(16, 16), width=0.5, timesteps=4)
-    path = export_lava(run, tmp_path / "small.net")
+    path = export_netx(G.lower_run(load_run(run)), tmp_path / "small.net", source_run=run).path
     net = read_netx(path)
     assert [q.kind for q in net.layers] == ["conv", "conv", "conv", "dense"]
     assert net.layers[1].weight.shape[2:] == (6, 6) and net.layers[1].stride == (2, 2)
@@ -269,7 +270,7 @@ def test_errors_name_the_layer(tmp_path):
         quantize_graph(chain({**big_bias, "lif1": G.LIF(2.0, 1.0), "flatten": G.Flatten(), "head": head}))
     resnet = make_run(tmp_path, backbone="resnet18", size=(16, 16), width=0.125)
     with pytest.raises(LavaExportError, match="'add1'.*residual"):
-        export_lava(resnet, tmp_path / "resnet.net")
+        export_netx(G.lower_run(load_run(resnet)), tmp_path / "resnet.net")
     assert not (tmp_path / "resnet.net").exists()
 
 
@@ -279,7 +280,9 @@ def test_errors_name_the_layer(tmp_path):
 def test_lava_dl_equals_simulator_on_exported_model(tmp_path):
     """lava-dl 0.6.0 (fixed_pt) runs the exported small model: every layer spike for spike."""
     run = make_run(tmp_path, size=(16, 16), width=0.5, timesteps=4)
-    path = export_lava(run, tmp_path / "small.net", verify=True)  # builds the lava env if absent
+    report = export_netx(G.lower_run(load_run(run)), tmp_path / "small.net", lava_check=lava_check())  # builds the lava env if absent
+    path = report.path
+    assert report.checks["lava-dl vs simulator"] == "identical" and report.checks["netx read-back"] == "identical"
     spikes = (np.random.default_rng(8).random((2, 4, 2, 16, 16)) < 0.3).astype(np.uint8)  # [N, T, C, H, W]
     report = verify_with_lava(path, spikes)
     assert report["layers"] == 5 and report["spikes"] > 50

@@ -20,7 +20,7 @@ def test_nir_round_trip_equals_deploy_graph(tmp_path, backbone, size):
                                                neuron=NeuronConfig(tau=3.0, v_threshold=0.5))))
     g = lower(model, {"timesteps": 5, "class_names": [str(i) for i in range(10)]})
     report = export_nir(g, tmp_path / "m.nir")
-    assert report["spikes_identical"] and report["max_abs_logit_diff"] <= 1e-6
+    assert report.figures["spikes_identical"] and report.figures["max_abs_logit_diff"] <= 1e-6
     # nir itself reads the file, with one node per deploy node (Add folded into edges) plus Output
     ng = nir.read(str(tmp_path / "m.nir"), type_check=False)
     n_add = sum(isinstance(n, Add) for n in g.nodes.values())

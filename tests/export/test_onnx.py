@@ -60,7 +60,7 @@ def _cpu(path):
 
 @pytest.mark.parametrize("t", [1, 5])
 def test_unrolled_equals_deploy_graph_and_spikingjelly(graph, run, tmp_path, t):
-    path = export_onnx(graph, tmp_path / "m.onnx", mode="unrolled", timesteps=t)
+    path = export_onnx(graph, tmp_path / "m.onnx", mode="unrolled", timesteps=t).path
     sess = _cpu(path)
     for b in (1, 5):
         x = _frames(t, b, seed=10 * t + b)
@@ -77,8 +77,8 @@ def test_unrolled_equals_deploy_graph_and_spikingjelly(graph, run, tmp_path, t):
 
 @pytest.mark.parametrize("t,b", [(1, 1), (5, 3)])
 def test_stream_equals_deploy_graph_and_unrolled(graph, tmp_path, t, b):
-    stream = _cpu(export_onnx(graph, tmp_path / "s.onnx", mode="stream"))
-    unrolled = _cpu(export_onnx(graph, tmp_path / "u.onnx", mode="unrolled", timesteps=t))
+    stream = _cpu(export_onnx(graph, tmp_path / "s.onnx", mode="stream").path)
+    unrolled = _cpu(export_onnx(graph, tmp_path / "u.onnx", mode="unrolled", timesteps=t).path)
     x = _frames(t, b, seed=t)
     lifs = graph.lif_names()
     states = {f"v_{n}": np.zeros((b, *graph.shapes[n]), np.float32) for n in lifs}
@@ -100,7 +100,7 @@ def test_stream_equals_deploy_graph_and_unrolled(graph, tmp_path, t, b):
 
 @pytest.mark.parametrize("mode,opset", [("unrolled", 13), ("stream", 20)])
 def test_verify_report_spikes_identical(graph, tmp_path, mode, opset):
-    path = export_onnx(graph, tmp_path / "m.onnx", mode=mode, opset=opset, verify=False)
+    path = export_onnx(graph, tmp_path / "m.onnx", mode=mode, opset=opset, verify=False).path
     assert [o.version for o in onnx.load(str(path)).opset_import if o.domain == ""] == [opset]
     report = verify_onnx(graph, path, batch=3, seed=5)
     assert report.spikes_identical and report.spike_agreement == 1.0
@@ -108,7 +108,7 @@ def test_verify_report_spikes_identical(graph, tmp_path, mode, opset):
 
 
 def test_verify_catches_a_wrong_model(graph, tmp_path):
-    path = export_onnx(graph, tmp_path / "m.onnx", mode="unrolled")
+    path = export_onnx(graph, tmp_path / "m.onnx", mode="unrolled").path
     proto = onnx.load(str(path))
     conv = sorted((i for i in proto.graph.initializer if len(i.dims) == 4), key=lambda i: i.name)[0]
     w = onnx.numpy_helper.to_array(conv).copy()
@@ -140,7 +140,7 @@ def test_compare_spikes_tells_rounding_flips_from_errors(graph):
 
 
 def test_metadata_round_trip(graph, tmp_path):
-    path = export_onnx(graph, tmp_path / "m.onnx", mode="stream", timesteps=7, verify=False)
+    path = export_onnx(graph, tmp_path / "m.onnx", mode="stream", timesteps=7, verify=False).path
     meta = read_onnx_metadata(path)
     assert meta["tmkt_format"] == FORMAT and meta["mode"] == "stream" and meta["timesteps"] == 7
     for key in ("input_shape", "sensor_size", "binning", "class_names", "neuron", "tmkt_version", "backbone"):
@@ -163,7 +163,7 @@ def test_metadata_round_trip(graph, tmp_path):
 
 
 def test_checker_full_and_embedded_weights(graph, tmp_path):
-    path = export_onnx(graph, tmp_path / "m.onnx", mode="unrolled", verify=False)
+    path = export_onnx(graph, tmp_path / "m.onnx", mode="unrolled", verify=False).path
     onnx.checker.check_model(str(path), full_check=True)
     proto = onnx.load(str(path), load_external_data=False)
     assert all(i.data_location != onnx.TensorProto.EXTERNAL for i in proto.graph.initializer)
@@ -197,7 +197,7 @@ def test_cli_export_errors(tmp_path, run):
 def test_cli_export_missing_target_module(run, monkeypatch):
     import sys
 
-    monkeypatch.setitem(sys.modules, "tmkt.export.lava", None)  # as if lava's exporter were absent
+    monkeypatch.setitem(sys.modules, "tmkt.export.netx", None)  # as if lava's exporter were absent
     res = CliRunner().invoke(app, ["export", str(run.path), "--target", "lava"])
     assert res.exit_code == 1 and "target 'lava' is not available" in res.output
 

@@ -58,8 +58,8 @@ def models(tmp_path_factory):
     return {
         "run": run,
         "graph": graph,
-        "unrolled": export_onnx(graph, root / "u.onnx", mode="unrolled", verify=False),
-        "stream": export_onnx(graph, root / "s.onnx", mode="stream", verify=False),
+        "unrolled": export_onnx(graph, root / "u.onnx", mode="unrolled", verify=False).path,
+        "stream": export_onnx(graph, root / "s.onnx", mode="stream", verify=False).path,
         "spec": DataSpec.from_dict(run.data),
     }
 

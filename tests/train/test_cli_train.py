@@ -85,7 +85,7 @@ def test_bad_inputs_fail_cleanly(tmp_path):
 def test_netx_file_without_exporter_says_not_available(tmp_path, monkeypatch):
     net = tmp_path / "model.net"
     net.write_bytes(b"\x89HDF\r\n")
-    monkeypatch.setitem(sys.modules, "tmkt.export.lava", None)  # as if the lava exporter were absent
+    monkeypatch.setitem(sys.modules, "tmkt.runtime.loihi_sim", None)  # as if the netx evaluation were absent
     res = CliRunner().invoke(app, ["eval", str(net)])
     assert res.exit_code == 1 and "not available" in res.output
 

@@ -12,52 +12,21 @@ from tmkt.commands import fail
 TARGETS = ("onnx", "lava", "nir")
 
 
-def _target_function(target: str, name: str):
-    """Import `tmkt.export.<target>.<name>` lazily: lava/NIR exporters are optional parts."""
-    import importlib
+def _export_to(target: str, graph, dest: Path, verify: bool, run_dir: Path, mode: str,
+               timesteps: Optional[int], opset: Optional[int]):
+    """Call the one export function of `target`; returns its ExportReport."""
+    if target == "onnx":
+        from tmkt.export.onnx import DEFAULT_OPSET, export_onnx
 
-    try:
-        module = importlib.import_module(f"tmkt.export.{target}")
-    except ImportError as e:
-        fail(f"target {target!r} is not available in this installation (tmkt.export.{target}: {e})")
-    fn = getattr(module, name, None)
-    if fn is None:
-        fail(f"target {target!r} is not available: tmkt.export.{target} has no {name}()")
-    return fn
+        return export_onnx(graph, dest, verify=verify, mode=mode, timesteps=timesteps, opset=opset or DEFAULT_OPSET)
+    if target == "lava":
+        from tmkt.export.netx import export_netx
+        from tmkt.runtime.lava import lava_check
 
+        return export_netx(graph, dest, verify=verify, source_run=run_dir, lava_check=lava_check() if verify else None)
+    from tmkt.export.nir import export_nir
 
-def _call(fn, *args, verify: bool):
-    """Call an exporter, passing `verify` when it takes one."""
-    import inspect
-
-    if "verify" in inspect.signature(fn).parameters:
-        return fn(*args, verify=verify)
-    return fn(*args)
-
-
-def _describe(result) -> str:
-    """Exporters return a path, or a dict with `path` and their verification figures."""
-    if isinstance(result, dict) and "path" in result:
-        rest = ", ".join(f"{k}={v}" for k, v in result.items() if k != "path")
-        return f"wrote {result['path']}" + (f" ({rest})" if rest else "")
-    return f"wrote {result}"
-
-
-def _lava_check(path) -> str:
-    """The checks export_lava recorded in the file (simulator vs float graph, lava-dl), as ' (...)'."""
-    try:
-        from tmkt.export.lava import read_meta
-
-        check = read_meta(path).get("check", {})
-    except Exception:  # the file is written and valid; a missing summary is no error
-        return ""
-    parts = []
-    if "float_agreement_random_input" in check:
-        parts.append(f"simulator vs float on {check.get('samples', '?')} random inputs: "
-                     f"{check['float_agreement_random_input']:.0%} agree")
-    lava = check.get("lava")
-    parts.append(f"lava-dl vs simulator: {'identical' if lava.get('identical') else 'differ'}" if lava else "lava-dl check skipped")
-    return " (" + "; ".join(parts) + ")"
+    return export_nir(graph, dest, verify=verify)
 
 
 def export(
@@ -88,53 +57,19 @@ def export(
     if out is not None and out.is_dir():
         raise typer.BadParameter(f"{out} is a folder; give the output file's path", param_hint="--out")
 
-    from tmkt.checkpoint import CheckpointError
-
-    if target == "lava":
-        fn = _target_function("lava", "export_lava")
-        dest = out or Path(run_dir) / "model.netx.h5"
-        try:
-            result = fn(run_dir, dest, verify=not no_verify)
-        except (CheckpointError, ValueError, OSError) as e:
-            fail(str(e))
-        typer.echo(_describe(result) + _lava_check(result))
-        return
-
     from tmkt.checkpoint import load_run
+    from tmkt.errors import TmktError
     from tmkt.export.graph import lower_run
 
+    default_name = {"onnx": f"model.{mode}.onnx", "lava": "model.netx.h5", "nir": "model.nir"}[target]
     try:
         graph = lower_run(load_run(run_dir))
-    except (CheckpointError, ValueError) as e:  # GraphError is a ValueError
+        report = _export_to(target, graph, out or run_dir / default_name, not no_verify, run_dir, mode, timesteps, opset)
+    except ModuleNotFoundError as e:  # lava's and NIR's exporters need h5py / nir, optional parts of an install
+        fail(f"target {target!r} is not available in this installation ({e})")
+    except (TmktError, OSError) as e:
         fail(str(e))
-
-    if target == "nir":
-        fn = _target_function("nir", "export_nir")
-        dest = out or Path(run_dir) / "model.nir"
-        try:
-            result = _call(fn, graph, dest, verify=not no_verify)
-        except (ValueError, OSError) as e:
-            fail(str(e))
-        typer.echo(_describe(result))
-        return
-
-    from tmkt.export.onnx import DEFAULT_OPSET, export_onnx, verify_onnx
-
-    dest = out or Path(run_dir) / f"model.{mode}.onnx"
-    try:
-        written = export_onnx(graph, dest, mode=mode, timesteps=timesteps, opset=opset or DEFAULT_OPSET, verify=False)
-    except (ValueError, OSError) as e:
-        fail(str(e))
-    size_kib = written.stat().st_size / 1024
-    typer.echo(f"wrote {written} ({mode}, T={timesteps or graph.meta['timesteps']}, {size_kib:.1f} KiB, onnx.checker: ok)")
-    if no_verify:
-        typer.echo("verification skipped (--no-verify)")
-        return
-    report = verify_onnx(graph, written)
-    typer.echo(f"onnxruntime vs PyTorch: {report.summary()}")
-    if not report.ok:
-        written.unlink()
-        fail(f"verification failed, {written} removed")
+    typer.echo(report.summary())
 
 
 def register(app: typer.Typer) -> None:

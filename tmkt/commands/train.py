@@ -203,15 +203,17 @@ def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir
 
 
 def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_size) -> dict:
+    from tmkt.errors import TmktError
+
     try:
-        from tmkt.export.lava import evaluate_netx
-    except ImportError as e:
+        from tmkt.runtime.loihi_sim import evaluate_netx
+    except ModuleNotFoundError as e:  # h5py: an optional part of an install
         fail(f"evaluating a netx export is not available in this install ({e})")
     try:
         return evaluate_netx(
             path, dataset, split, data_root=data_root, options=options, cache_dir=cache_dir, batch_size=batch_size
         )
-    except (FileNotFoundError, ValueError, KeyError, OSError) as e:
+    except (TmktError, OSError) as e:
         fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
 
 

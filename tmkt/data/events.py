@@ -33,6 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
+from tmkt.errors import TmktError
 from tmkt.fileio import atomic_path
 
 EVENT_DTYPE = np.dtype([("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "u1")])
@@ -51,7 +52,7 @@ _ATIS_OVERFLOW_US = 2**13
 _ATIS_TS_MAX = 2**23 - 1
 
 
-class EventFileError(ValueError):
+class EventFileError(TmktError, ValueError):
     """An event file (or event array) is unreadable or holds invalid events."""
 
 

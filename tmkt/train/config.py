@@ -18,11 +18,12 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
+from tmkt.errors import TmktError
 from tmkt.models import BACKBONES, NeuronConfig
 from tmkt.train.method import METHODS, MethodConfig
 
 
-class ConfigError(ValueError):
+class ConfigError(TmktError, ValueError):
     """A setting that cannot be used; the message names the key."""
 
 

@@ -53,6 +53,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from tmkt.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_bytes, model_state, save_run, save_weights
+from tmkt.errors import TmktError
 from tmkt.models import ModelConfig, build_model
 from tmkt.train import distributed as dist_utils
 from tmkt.train.config import TrainConfig, config_from_dict
@@ -67,7 +68,7 @@ BEST_NAME = "model.safetensors"
 RESUME_MUTABLE = ("device", "num_workers", "eval_batch_size", "cache_dir", "data_root", "static_root", "compile")
 
 
-class TrainingError(RuntimeError):
+class TrainingError(TmktError, RuntimeError):
     """Training cannot go on (diverged loss, unusable data, mismatched resume)."""
 
 

@@ -6,15 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tmkt.runtime.loihi_sim import (
-    conv_current,
-    cuba_step,
-    dense_current,
-    from_lava_timeline,
-    run_cuba,
-    to_lava_timeline,
-    to_spikes,
-)
+from tmkt.export.netx_sim import conv_current, cuba_step, dense_current, run_cuba, to_spikes
+from tmkt.runtime.lava import from_lava_timeline, to_lava_timeline
 
 
 def test_two_neurons_by_hand():

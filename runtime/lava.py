@@ -1,0 +1,130 @@
+"""lava-dl itself: the Python 3.10 lava environment, running a netx file there, and the check
+that lava-dl and the bit-accurate simulator (`tmkt.export.netx_sim`) agree spike for spike.
+
+lava-nc / lava-dl need Python 3.10 and pull in torch; tmkt keeps them out of its own env. A light
+env (lava-nc 0.10, lava-dl 0.6, no torch) is built once by `scripts/lava_env.sh` into
+~/.cache/tmkt/lava-env, and `scripts/lava_run.py` runs a netx file there in a subprocess
+(samples back to back, as `hdf5.Network(reset_interval=T)` expects). Both scripts ship with the
+source checkout, not with a wheel: verifying against lava-dl needs a checkout.
+
+lava's timeline is pipelined: layer k (input = 0) emits frame j of sample n at step n*T + j + k.
+`to_lava_timeline` / `from_lava_timeline` convert between it and the simulator's aligned view.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tmkt.export.netx import read_netx
+from tmkt.export.netx_sim import simulate
+from tmkt.export.quantize import LavaExportError
+
+DEFAULT_LAVA_ENV = Path.home() / ".cache" / "tmkt" / "lava-env"
+# The folder holding scripts/lava_env.sh and scripts/lava_run.py: the repository root, which this
+# module finds only in a source checkout (runtime/ is installed as tmkt.runtime from there).
+CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
+
+
+class LavaError(LavaExportError):
+    """The lava environment is missing or failed, or lava-dl disagrees with the simulator."""
+
+
+def lava_python(env_dir: str | Path | None = None, build: bool = True) -> Path:
+    """Python of the lava env (default ~/.cache/tmkt/lava-env), built by scripts/lava_env.sh if absent."""
+    env = Path(env_dir) if env_dir else DEFAULT_LAVA_ENV
+    py = env / "bin" / "python"
+    if (env / ".tmkt-lava-stamp").exists() and py.exists():
+        return py
+    script = CHECKOUT_ROOT / "scripts" / "lava_env.sh"
+    if not build or not script.exists():
+        raise LavaError(f"no lava environment at {env}; build it with: bash scripts/lava_env.sh {env}")
+    proc = subprocess.run(["bash", str(script), str(env)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise LavaError(f"building the lava environment failed:\n{proc.stderr[-2000:]}")
+    return py
+
+
+def run_in_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Path | None = None,
+                timeout: float = 600.0) -> dict[str, Any]:
+    """Run netx file `path` in lava-dl (fixed_pt) on `spikes` `[N, T, C, H, W]`, samples back to back.
+
+    Returns {"spikes": per layer (input first) aligned `[T, N, *shape]` uint8, "readout_v":
+    `[N, K]` membrane of the readout after each sample's last frame, "seconds": wall time}.
+    """
+    py = lava_python(lava_env)
+    runner = CHECKOUT_ROOT / "scripts" / "lava_run.py"
+    if not runner.exists():
+        raise LavaError(f"{runner} not found: lava verification needs a tmkt source checkout")
+    n, t = spikes.shape[:2]
+    with tempfile.TemporaryDirectory(prefix="tmkt-lava-") as tmp:
+        inp, outp = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
+        np.savez(inp, spikes=np.asarray(spikes, np.int32), reset_interval=np.int64(t))
+        start = time.perf_counter()
+        proc = subprocess.run([str(py), str(runner), str(path), str(inp), str(outp)], capture_output=True, text=True,
+                              timeout=timeout)
+        seconds = time.perf_counter() - start
+        if proc.returncode != 0:
+            raise LavaError(f"lava-dl run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+        with np.load(outp) as z:
+            n_layers = int(z["num_layers"])
+            timelines = [z[f"layer{k}"] for k in range(n_layers)]
+            v_trace = z["readout_v"]
+    aligned = [from_lava_timeline(tl, k, t, n) for k, tl in enumerate(timelines)]
+    depth = n_layers - 1
+    readout_v = np.stack([v_trace[i * t + t - 1 + depth] for i in range(n)])
+    return {"spikes": aligned, "readout_v": readout_v, "seconds": seconds}
+
+
+def verify_with_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Path | None = None) -> dict[str, Any]:
+    """lava-dl vs the bit-accurate simulator on `spikes` `[N, T, C, H, W]`: every layer's spikes
+    and the readout membrane must be identical; raises LavaError naming the first layer
+    that differs. Returns {"layers", "spikes", "samples", "lava_seconds"}."""
+    net = read_netx(path)
+    sim = simulate(net, np.asarray(spikes).transpose(1, 0, 2, 3, 4))
+    lava = run_in_lava(path, spikes, lava_env=lava_env)
+    names = ["input"] + [q.name for q in net.layers]
+    if len(lava["spikes"]) != len(sim.spikes):
+        raise LavaError(f"lava built {len(lava['spikes'])} layers, the simulator {len(sim.spikes)}")
+    for name, a, b in zip(names, lava["spikes"], sim.spikes):
+        if a.shape != b.shape or not np.array_equal(a, b):
+            diff = int((a != b).sum()) if a.shape == b.shape else -1
+            raise LavaError(f"lava-dl and the simulator differ at layer {name!r} ({diff} spikes differ)")
+    if not np.array_equal(lava["readout_v"], sim.readout_v[-1]):
+        raise LavaError("lava-dl and the simulator differ in the readout membrane")
+    return {"layers": len(names), "spikes": int(sum(int(s.sum()) for s in sim.spikes)), "samples": int(spikes.shape[0]),
+            "lava_seconds": lava["seconds"]}
+
+
+def lava_check(lava_env: str | Path | None = None):
+    """A file check for `tmkt.export.netx.export_netx(lava_check=...)`: lava-dl must match the
+    simulator spike for spike on the check's input; returns `verify_with_lava`'s figures."""
+
+    def check(path: Path, spikes: np.ndarray) -> dict[str, Any]:
+        return verify_with_lava(path, spikes, lava_env=lava_env)
+
+    return check
+
+
+# ---------------------------------------------------------------- lava's pipelined timeline
+
+
+def to_lava_timeline(aligned: np.ndarray, layer_index: int, total_steps: int) -> np.ndarray:
+    """Aligned `[T, N, ...]` of layer k -> lava's back-to-back timeline `[steps, ...]` (0-based:
+    frame j of sample n at step n*T + j + k); steps outside any sample are zero."""
+    t, n = aligned.shape[:2]
+    out = np.zeros((total_steps, *aligned.shape[2:]), aligned.dtype)
+    seq = aligned.transpose(1, 0, *range(2, aligned.ndim)).reshape(t * n, *aligned.shape[2:])
+    out[layer_index:layer_index + t * n] = seq[: max(0, total_steps - layer_index)]
+    return out
+
+
+def from_lava_timeline(timeline: np.ndarray, layer_index: int, t: int, n: int) -> np.ndarray:
+    """Inverse of `to_lava_timeline`: `[steps, ...]` -> aligned `[T, N, ...]`."""
+    seq = timeline[layer_index:layer_index + t * n]
+    return seq.reshape(n, t, *timeline.shape[1:]).transpose(1, 0, *range(2, timeline.ndim + 1))
