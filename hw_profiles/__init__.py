@@ -33,6 +33,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from tmkt.errors import TmktError
+
 __all__ = ["HwProfile", "HwProfileError", "builtin_names", "load_profile", "load_profiles", "parse_profile"]
 
 # numeric fields: name -> required
@@ -47,7 +49,7 @@ _NUMERIC: dict[str, bool] = {
 _KNOWN = {"name", "description", "event_driven", "unverified", "sources", "notes", *_NUMERIC}
 
 
-class HwProfileError(ValueError):
+class HwProfileError(TmktError, ValueError):
     """A profile that cannot be used; the message names the file and the field."""
 
 

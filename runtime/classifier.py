@@ -15,12 +15,18 @@ chunk to the next as on a live sensor; the first chunk starts from rest. With
 `carry_state=False` every chunk is classified on its own (then it equals `predict` on that
 chunk, and an unrolled model works too). Each chunk's prediction is the softmax of the mean of
 its step logits.
+
+Input that binning cannot show the network is reported with Python `warnings` (`InputWarning`):
+events outside the model's sensor, which binning drops (once per `predict`, once per `stream`
+with the totals over its chunks), and an empty recording given to `predict`, whose prediction
+reflects the network's biases only. The CLI prints them; a library user sees them as any warning.
 """
 
 from __future__ import annotations
 
 import os
 import time
+import warnings
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -34,6 +40,21 @@ PROVIDERS = ("auto", "cuda", "cpu")
 
 class InferenceError(TmktError, RuntimeError):
     """The model cannot run as asked (wrong mode, provider not available, bad input)."""
+
+
+class InputWarning(UserWarning):
+    """Events the model cannot see as given (outside its sensor, or none at all)."""
+
+
+def events_outside_sensor(events: np.ndarray, spec) -> int:
+    """How many of `events` binning drops for lying outside `spec.sensor_size`, after the shift
+    to the origin where the spec bins that way (the rule of `tmkt.data.spec.frames_from_events`)."""
+    if len(events) == 0:
+        return 0
+    x, y = events["x"].astype(np.int64), events["y"].astype(np.int64)
+    if spec.binning.get("shift_to_origin", False):
+        x, y = x - x.min(), y - y.min()
+    return int(((x < 0) | (x >= spec.sensor_size[0]) | (y < 0) | (y >= spec.sensor_size[1])).sum())
 
 
 @dataclass(frozen=True)
@@ -184,8 +205,20 @@ class EventClassifier:
 
     # -------------------------------------------------------------- public API
 
+    def _warn_outside(self, outside: int, total: int) -> None:
+        if outside:
+            w, h = self.spec.sensor_size[0], self.spec.sensor_size[1]
+            warnings.warn(f"{outside:,} of {total:,} events lie outside the model's {w}x{h} sensor and are dropped",
+                          InputWarning, stacklevel=3)
+
     def predict(self, events: np.ndarray) -> Prediction:
-        """Classify one recording (`[N]` structured events with x, y, t µs, p)."""
+        """Classify one recording (`[N]` structured events with x, y, t µs, p); warns
+        (`InputWarning`) about an empty recording and about events outside the sensor."""
+        events = np.asarray(events)
+        if len(events) == 0:
+            warnings.warn("the recording holds no events; its prediction reflects the network's biases only",
+                          InputWarning, stacklevel=2)
+        self._warn_outside(events_outside_sensor(events, self.spec), len(events))
         t0 = time.perf_counter()
         frames = self.frames(events)
         lo = self.logits(frames[:, None])[:, 0]
@@ -204,9 +237,11 @@ class EventClassifier:
         if self.mode == "unrolled" and n != self.timesteps:
             raise InferenceError(f"{self.path}: the unrolled model takes T={self.timesteps} frames per chunk, not {n}")
         state = self.zero_state(1) if self.mode == "stream" else {}
+        outside = total = 0
         for chunk in chunks:
             t0 = time.perf_counter()
             chunk = np.asarray(chunk)
+            outside, total = outside + events_outside_sensor(chunk, self.spec), total + len(chunk)
             frames = self.frames(chunk, n)
             if self.mode == "unrolled":
                 lo = self.logits(frames[:, None])[:, 0]
@@ -219,6 +254,7 @@ class EventClassifier:
                     steps.append(out[0])
                 lo = np.stack(steps)
             yield self._prediction(lo.mean(0), t0, chunk)
+        self._warn_outside(outside, total)
 
 
 def split_windows(events: np.ndarray, window_us: int) -> list[np.ndarray]:

@@ -1,6 +1,7 @@
 """`tmkt infer` and EventClassifier give the PyTorch prediction on event files written here."""
 
 import json
+import warnings
 
 import numpy as np
 import onnx
@@ -239,3 +240,21 @@ def test_cli_infer_flags_an_empty_recording(models, tmp_path):
     doc = json.loads(res.output)
     assert len(doc["predictions"]) == 1 and doc["predictions"][0]["events"] == 0
     assert any("no events" in w["warning"] for w in doc["warnings"])
+
+
+def test_classifier_warns_about_input_it_cannot_see(models):
+    """The warnings live in the library: an EventClassifier user sees them without the CLI."""
+    from tmkt.runtime.classifier import InputWarning
+
+    clf = EventClassifier(models["stream"], provider="cpu")
+    ev = random_events(4, n=500)
+    ev["x"][:37] = SENSOR[0] + 3
+    with pytest.warns(InputWarning, match="37 of 500 events lie outside"):
+        clf.predict(ev)
+    with pytest.warns(InputWarning, match="37 of 500 events lie outside"):  # once per stream, with the totals
+        list(clf.stream([ev[:250], ev[250:]]))
+    with pytest.warns(InputWarning, match="no events"):
+        clf.predict(ev[:0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", InputWarning)
+        clf.predict(random_events(5, n=500))  # inside the sensor: silent

@@ -26,16 +26,6 @@ def _event_files(paths: list[Path]) -> list[Path]:
     return out
 
 
-def _outside_sensor(events, spec) -> int:
-    """How many events binning drops for lying outside the model's sensor (as frames_from_events)."""
-    if len(events) == 0:
-        return 0
-    x, y = events["x"].astype("int64"), events["y"].astype("int64")
-    if spec.binning.get("shift_to_origin", False):
-        x, y = x - x.min(), y - y.min()
-    return int(((x >= spec.sensor_size[0]) | (y >= spec.sensor_size[1])).sum())
-
-
 def infer(
     model: Path = typer.Argument(..., help="ONNX model written by `tmkt export` (unrolled or stream)."),
     events: list[Path] = typer.Argument(..., help="Event files (.bin .aedat4 .npy .npz .h5 .raw .dat) or folders."),
@@ -56,10 +46,11 @@ def infer(
 ) -> None:
     """Predict the class of each recording (or each window) with onnxruntime, with latency."""
     import json
+    import warnings as py_warnings
 
-    from tmkt.data.events import EventFileError, read_events
-    from tmkt.export.metadata import MetadataError
-    from tmkt.runtime.classifier import PROVIDERS, EventClassifier, InferenceError, split_windows
+    from tmkt.data.events import read_events
+    from tmkt.errors import TmktError
+    from tmkt.runtime.classifier import PROVIDERS, EventClassifier, InputWarning, split_windows
 
     if provider not in PROVIDERS:
         raise typer.BadParameter(f"must be one of {', '.join(PROVIDERS)}", param_hint="--provider")
@@ -74,7 +65,7 @@ def infer(
     files = _event_files(events)
     try:
         clf = EventClassifier(model, provider=provider)
-    except (MetadataError, InferenceError) as e:
+    except TmktError as e:
         hint = "" if model.suffix.lower() == ".onnx" else " (infer takes the .onnx file of `tmkt export --target onnx`)"
         fail(f"{e}{hint}")
     carry = (state or ("carry" if clf.mode == "stream" else "reset")) == "carry"
@@ -86,31 +77,26 @@ def infer(
 
     rows: list[dict] = []
     errors: list[dict] = []
-    warnings: list[dict] = []
-    sensor_w, sensor_h = clf.spec.sensor_size[0], clf.spec.sensor_size[1]
+    warned: list[dict] = []
     for f in files:
         try:
             rec = read_events(f)
-            # binning drops events outside the model's sensor: say so, or a cropped input passes silently
-            outside = _outside_sensor(rec.events, clf.spec)
-            if outside:
-                msg = (f"{f}: {outside:,} of {len(rec.events):,} events lie outside the model's {sensor_w}x{sensor_h} "
-                       f"sensor (recording: {rec.sensor_size[0]}x{rec.sensor_size[1]}) and are dropped")
-                warnings.append({"file": str(f), "warning": msg})
+            with py_warnings.catch_warnings(record=True) as caught:
+                py_warnings.simplefilter("always", InputWarning)
+                if window_ms is None:
+                    preds = [clf.predict(rec.events)]
+                else:
+                    windows = split_windows(rec.events, int(round(window_ms * 1000)))
+                    preds = list(clf.stream(windows, carry_state=carry))
+            for w in caught:
+                if not issubclass(w.category, InputWarning):
+                    py_warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+                    continue
+                msg = f"{f}: {w.message}"
+                warned.append({"file": str(f), "warning": msg})
                 if not as_json:
                     typer.echo(f"warning: {msg}", err=True)
-            if len(rec.events) == 0 and window_ms is None:
-                # an empty recording still yields a (bias-driven) prediction: flag it, never pass it off silently
-                msg = f"{f}: the recording holds no events; its prediction reflects the network's biases only"
-                warnings.append({"file": str(f), "warning": msg})
-                if not as_json:
-                    typer.echo(f"warning: {msg}", err=True)
-            if window_ms is None:
-                preds = [clf.predict(rec.events)]
-            else:
-                windows = split_windows(rec.events, int(round(window_ms * 1000)))
-                preds = list(clf.stream(windows, carry_state=carry))
-        except (EventFileError, InferenceError) as e:
+        except TmktError as e:
             errors.append({"file": str(f), "error": str(e)})
             if not as_json:
                 typer.echo(f"error: {e}", err=True)
@@ -130,7 +116,7 @@ def infer(
             "class_names": clf.class_names,
             "predictions": rows,
             "errors": errors,
-            "warnings": warnings,
+            "warnings": warned,
         }
         typer.echo(json.dumps(doc, indent=2))
     elif rows:

@@ -52,7 +52,7 @@ def _dataset_frames(run, name: str, data_root: Optional[Path], cache_dir: Option
                 data_root=None if data_root is None else str(data_root),
                 cache_dir=None if cache_dir is None else str(cache_dir),
             )
-        except (ValueError, FileNotFoundError, OSError) as e:
+        except (ValueError, OSError) as e:  # the data package reports a bad name, option or folder as ValueError
             fail(f"data set {name!r}: {e}")
     test = bundle.test
     if len(test) == 0:
@@ -94,7 +94,8 @@ def profile(
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from tmkt.checkpoint import CheckpointError, load_run
+    from tmkt.checkpoint import load_run
+    from tmkt.errors import TmktError
     from tmkt.export.graph import GraphError, lower_run
     from tmkt.hw_profiles import HwProfileError, load_profiles
     from tmkt.runtime.energy import estimate_energy
@@ -120,7 +121,7 @@ def profile(
     try:
         run = load_run(run_dir)
         graph = lower_run(run)
-    except (CheckpointError, GraphError) as e:
+    except TmktError as e:
         fail(str(e))
 
     if frames is not None:

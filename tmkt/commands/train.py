@@ -89,6 +89,9 @@ def train_command(
     ),
     compile: Optional[bool] = typer.Option(None, "--compile/--no-compile", help="torch.compile the forward passes and losses as one graph (first step compiles for minutes; for long GPU runs).", rich_help_panel=_SETTINGS),
     eval_every: Optional[int] = typer.Option(None, help="Validate every N epochs.", rich_help_panel=_SETTINGS),
+    eval_batch_size: Optional[int] = typer.Option(
+        None, help="Batch size for validation and test (default: 2 x batch size).", rich_help_panel=_SETTINGS
+    ),
 ) -> None:
     """Train a spiking network (TMKT by default; with no arguments: on the built-in digits set, a few minutes on a CPU).
 
@@ -100,8 +103,8 @@ def train_command(
     """
     from rich.console import Console
 
-    from tmkt.checkpoint import CheckpointError
-    from tmkt.train.config import ConfigError, build_config
+    from tmkt.errors import TmktError
+    from tmkt.train.config import build_config
     from tmkt.train.trainer import TrainingError, TrainingInterrupted, resume_config, train
 
     flags = {
@@ -111,7 +114,7 @@ def train_command(
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs, "min_lr": min_lr, "seed": seed, "out": out, "device": device,
         "num_workers": num_workers, "amp": amp, "channels_last": channels_last, "compile": compile,
-        "eval_every": eval_every,
+        "eval_every": eval_every, "eval_batch_size": eval_batch_size,
     }
     neuron = {k: v for k, v in (("tau", tau), ("v_threshold", v_threshold)) if v is not None}
     if neuron:
@@ -132,7 +135,7 @@ def train_command(
     except KeyboardInterrupt:
         typer.secho("interrupted (files already in the run directory stay valid: every write is atomic)", err=True)
         raise typer.Exit(130) from None
-    except (ConfigError, TrainingError, CheckpointError, OSError, ValueError) as e:  # OSError: e.g. --out is a file
+    except (TmktError, OSError) as e:  # OSError: e.g. --out is a file
         fail(str(e))
     else:
         import os
@@ -157,7 +160,7 @@ def eval_command(
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
 ) -> None:
     """Accuracy of a trained run's event head on its data set (rebuilt from the run's config or the flags)."""
-    from tmkt.checkpoint import CheckpointError
+    from tmkt.errors import TmktError
 
     if split not in ("test", "val"):
         raise typer.BadParameter(f"must be test or val, got {split!r}", param_hint="--split")
@@ -167,12 +170,12 @@ def eval_command(
     if run.suffix.lower() in NETX_SUFFIXES and run.is_file():  # `tmkt export --target lava` writes model.netx.h5
         _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size), as_json)
         return
-    from tmkt.train.trainer import TrainingError, resolve_device
+    from tmkt.train.trainer import resolve_device
 
     try:
         dev = resolve_device(device)
         result = _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, dev)
-    except (CheckpointError, TrainingError, FileNotFoundError, ValueError) as e:
+    except (TmktError, OSError) as e:
         fail(str(e))
     _print_result(result, per_class, as_json)
 
@@ -180,16 +183,20 @@ def eval_command(
 def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir, weights, batch_size, device) -> dict:
     from tmkt.checkpoint import load_run
     from tmkt.data.registry import build_data_for_run
+    from tmkt.errors import TmktError
     from tmkt.train.evaluate import evaluate
 
     loaded = load_run(run, weights_name=weights)
     name = dataset or loaded.data["name"]
-    bundle = build_data_for_run(
-        loaded.config, dataset=name, data_root=data_root, cache_dir=cache_dir, options=options,
-        event_fraction=event_fraction,
-    )
+    try:
+        bundle = build_data_for_run(
+            loaded.config, dataset=name, data_root=data_root, cache_dir=cache_dir, options=options,
+            event_fraction=event_fraction,
+        )
+    except ValueError as e:  # the data package reports a bad name, option or folder as ValueError
+        raise TmktError(str(e)) from e
     if list(bundle.spec.class_names) != loaded.class_names:
-        raise ValueError(
+        raise TmktError(
             f"data set {name!r} has classes {list(bundle.spec.class_names)[:5]}..., the run was trained on "
             f"{loaded.class_names[:5]}...; they must match"
         )
