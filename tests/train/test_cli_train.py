@@ -137,3 +137,24 @@ def test_usage_errors_are_messages(tmp_path):
     res = runner.invoke(app, ["eval", str(tmp_path / "rec.h5")])
     assert res.exit_code == 1 and "not a tmkt netx export" in res.output
     assert res.output.count(str(tmp_path / "rec.h5")) == 1
+
+
+def test_preset_paper_trains_the_papers_design(tmp_path, tmp_path_factory):
+    """`--preset paper` stores the papers' method settings in the run; --method still picks the method."""
+    from tmkt.train.method import METHOD_PRESETS
+
+    runner = CliRunner()
+    cache = str(tmp_path_factory.getbasetemp() / "digits-cache")
+    run = tmp_path / "paper"
+    res = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--cache-dir", cache, "--out", str(run), "--preset", "paper"])
+    assert res.exit_code == 0, res.output
+    stored = json.loads((run / "config.json").read_text())["train"]["method"]
+    assert {k: stored[k] for k in METHOD_PRESETS["paper"]} == METHOD_PRESETS["paper"]
+    run = tmp_path / "paper-ekt"
+    res = runner.invoke(app, ["train", *TINY, "--epochs", "1", "--cache-dir", cache, "--out", str(run),
+                              "--preset", "paper", "--method", "ekt"])
+    assert res.exit_code == 0, res.output
+    stored = json.loads((run / "config.json").read_text())["train"]["method"]
+    assert stored["name"] == "ekt" and stored["source_head"] == "mixed" and stored["bn_stats"] == "both"
+    res = runner.invoke(app, ["train", *TINY, "--preset", "nope", "--out", str(tmp_path / "x")])
+    assert res.exit_code != 0 and "paper" in res.output

@@ -71,6 +71,11 @@ def train_command(
     tau: Optional[float] = typer.Option(None, help="LIF time constant.", rich_help_panel=_SETTINGS),
     v_threshold: Optional[float] = typer.Option(None, help="LIF threshold.", rich_help_panel=_SETTINGS),
     method: Optional[str] = typer.Option(None, help="tmkt | ekt | finetune | dvs.", rich_help_panel=_SETTINGS),
+    preset: Optional[str] = typer.Option(
+        None, "--preset", help="Method preset: 'paper' is the TMKT paper's exact design (separate classifier for the "
+        "mixed stream, BN statistics from both streams; docs/method.md). --method still picks the method.",
+        rich_help_panel=_SETTINGS,
+    ),
     epochs: Optional[int] = typer.Option(None, help="Training epochs.", rich_help_panel=_SETTINGS),
     batch_size: Optional[int] = typer.Option(None, help="Global batch size.", rich_help_panel=_SETTINGS),
     lr: Optional[float] = typer.Option(None, help="Peak learning rate (default per data set; paper: 5e-3*batch/1024).", rich_help_panel=_SETTINGS),
@@ -116,6 +121,12 @@ def train_command(
         "num_workers": num_workers, "amp": amp, "channels_last": channels_last, "compile": compile,
         "eval_every": eval_every, "eval_batch_size": eval_batch_size,
     }
+    if preset is not None:
+        from tmkt.train.method import METHOD_PRESETS
+
+        if preset not in METHOD_PRESETS:
+            raise typer.BadParameter(f"choose one of {', '.join(METHOD_PRESETS)}", param_hint="--preset")
+        flags["method"] = {**METHOD_PRESETS[preset], **({"name": method} if method else {})}
     neuron = {k: v for k, v in (("tau", tau), ("v_threshold", v_threshold)) if v is not None}
     if neuron:
         flags["neuron"] = neuron

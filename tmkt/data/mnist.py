@@ -76,7 +76,8 @@ def alternate_per_class(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 # N-MNIST's recording (docs/data.md): a 34x34 output for a 28x28 digit (3 pixels of surround per
 # side); three saccades of 105 ms along the triangle (0, 0) -> (3.5, 7) -> (7, 0) -> (0, 0) pixels
 # (Orchard's stabilize.m); a contrast threshold raised from the emulator's 0.25 to 0.55 (mismatch
-# scaled with it) so that a recording holds ~4,700 events, near the ~4,500 reported for N-MNIST.
+# scaled with it): ~4,000 events per recording instead of ~9,000, towards the ~4,500 reported for
+# N-MNIST (`python bench/emulated_stats.py`).
 MNIST_EMULATOR = {
     "padding": 3,
     "saccade_amplitude": 7.0,

@@ -351,11 +351,11 @@ METHOD_PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
-def method_preset(name: str, **overrides: Any) -> MethodConfig:
+def method_preset(preset: str, **overrides: Any) -> MethodConfig:
     """The named preset (``METHOD_PRESETS``) as a ``MethodConfig``, with ``overrides`` on top."""
-    if name not in METHOD_PRESETS:
-        raise ValueError(f"unknown method preset {name!r}; presets: {', '.join(METHOD_PRESETS)}")
-    return MethodConfig.from_dict({**METHOD_PRESETS[name], **overrides})
+    if preset not in METHOD_PRESETS:
+        raise ValueError(f"unknown method preset {preset!r}; presets: {', '.join(METHOD_PRESETS)}")
+    return MethodConfig.from_dict({**METHOD_PRESETS[preset], **overrides})
 
 
 def build_method(cfg: MethodConfig, timesteps: int) -> MethodLoss:
