@@ -1,6 +1,8 @@
 """The training loop: data -> model + method loss -> AdamW with warm-up and cosine -> run directory.
 
-`train(cfg)` builds the data set (`tmkt.data.registry.build_data`), the network
+`train(cfg)` runs three stages, each a function of its own: set-up (`_set_up`: data, network,
+method loss, optimizer, resume), one epoch (`_train_epoch`: steps, validation, metrics, resume
+state) and the final test of the best weights (`_final_test`). Set-up builds the data set (`tmkt.data.registry.build_data`), the network
 (`tmkt.models.build_model`) and the method's loss (`tmkt.train.method.build_method`, whose
 learnable parameters, e.g. EKT's per-step eta, are optimised with the network), then trains
 for `cfg.epochs` epochs and writes into the run directory:
@@ -9,9 +11,8 @@ for `cfg.epochs` epochs and writes into the run directory:
   `config.json` (everything needed to rebuild the model and its data, see `tmkt.checkpoint`),
 - `metrics.jsonl`, one line per epoch (train loss / accuracy, val accuracy, lr, seconds),
   plus TensorBoard event files when `torch.utils.tensorboard` imports,
-- `resume.safetensors`, the state to continue exactly where the run stopped: model, optimizer
-  and method tensors and RNG states as tensors; epoch, step, best metric, settings as JSON in
-  the file's metadata. One file, written atomically, so model and optimizer never disagree.
+- `resume.safetensors`, the state to continue exactly where the run stopped
+  (`tmkt.train.resume`); metrics and TensorBoard are written by `tmkt.train.metrics`.
 
 Determinism: every random stream is derived from `(seed, epoch, rank)` at the start of each
 epoch (shuffling, static pairing, the method's generator, torch's global RNG) and the RNG states
@@ -33,43 +34,66 @@ logs and writes.
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open
+from safetensors.torch import load_file
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
-from tmkt.checkpoint import CONFIG_NAME, CheckpointError, atomic_write_bytes, model_state, save_run, save_weights
+from tmkt.checkpoint import CONFIG_NAME, CheckpointError, model_state, save_run
 from tmkt.errors import TmktError
 from tmkt.models import ModelConfig, build_model
 from tmkt.train import distributed as dist_utils
 from tmkt.train.config import TrainConfig, config_from_dict
 from tmkt.train.evaluate import confusion, summarize
+from tmkt.train.metrics import (
+    METRICS_NAME,
+    accumulate,
+    append_metrics,
+    epoch_line,
+    mean,
+    metrics_record,
+    progress_bar,
+    reduce_means,
+    reduce_sums,
+    tensorboard,
+    truncate_metrics,
+)
+from tmkt.train.resume import (  # noqa: F401  (load_resume_state: part of the trainer's API)
+    RESUME_MUTABLE,
+    RESUME_NAME,
+    load_resume_state,
+    restore_rng,
+    restore_training_state,
+    resume_tensors,
+    rng_tensors,
+    save_resume_state,
+)
 
-RESUME_NAME = "resume.safetensors"
-RESUME_FORMAT = "tmkt-resume/1"
-METRICS_NAME = "metrics.jsonl"
 LAST_NAME = "last.safetensors"
 BEST_NAME = "model.safetensors"
-# Settings that may change when a run is resumed (where and how fast, not what is computed).
-RESUME_MUTABLE = ("device", "num_workers", "eval_batch_size", "cache_dir", "data_root", "static_root", "compile")
 
 
 class TrainingError(TmktError, RuntimeError):
     """Training cannot go on (diverged loss, unusable data, mismatched resume)."""
+
+
+class TrainingDataError(TrainingError, ValueError):
+    """The data set cannot be built as configured (name, option, folder); the data package
+    reports these as ValueError, which this class still is."""
 
 
 class TrainingInterrupted(Exception):
@@ -241,76 +265,6 @@ def _deterministic(enabled: bool) -> Iterator[None]:
         torch.use_deterministic_algorithms(prev, warn_only=prev_warn)
 
 
-def _tensorboard(run_dir: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except Exception:  # tensorboard is optional
-        return None
-    return SummaryWriter(log_dir=str(run_dir / "tensorboard"))
-
-
-def _rng_tensor(state: torch.Tensor) -> torch.Tensor:
-    return state.detach().clone().to(torch.uint8).cpu()
-
-
-# ------------------------------------------------------------------ resume state
-
-
-def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Optimizer state dict as (tensors keyed `optim.<param>.<name>`, JSON-ready rest)."""
-    sd = opt.state_dict()
-    tensors: dict[str, torch.Tensor] = {}
-    scalars: dict[str, dict[str, Any]] = {}
-    for pid, st in sd["state"].items():
-        for name, v in st.items():
-            if isinstance(v, torch.Tensor):
-                tensors[f"optim.{pid}.{name}"] = v
-            else:
-                scalars.setdefault(str(pid), {})[name] = v
-    return tensors, {"param_groups": sd["param_groups"], "scalars": scalars}
-
-
-def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
-    state: dict[int, dict[str, Any]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for pid, rest in meta["scalars"].items():
-        state.setdefault(int(pid), {}).update(rest)
-    return {"state": state, "param_groups": meta["param_groups"]}
-
-
-def save_resume_state(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    """One atomic safetensors file: tensors + JSON `state` in its metadata (no pickle)."""
-    save_weights(path, tensors, metadata={"format": RESUME_FORMAT, "state": json.dumps(state)})
-
-
-def load_resume_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
-    """Read `resume.safetensors` of a run directory; errors name the file and the field."""
-    path = Path(run_dir) / RESUME_NAME
-    if not Path(run_dir).is_dir():
-        raise CheckpointError(f"{run_dir}: not a run directory")
-    if not path.exists():
-        raise CheckpointError(f"{path}: missing (the run saved no resume state; was it started by tmkt train?)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        tensors = load_file(str(path))
-    except Exception as e:  # safetensors raises its own error types for corrupt files
-        raise CheckpointError(f"{path}: unreadable safetensors file ({e})") from None
-    if meta.get("format") != RESUME_FORMAT:
-        raise CheckpointError(f"{path}: field 'format' must be {RESUME_FORMAT!r}, got {meta.get('format')!r}")
-    try:
-        state = json.loads(meta["state"])
-    except (KeyError, json.JSONDecodeError) as e:
-        raise CheckpointError(f"{path}: field 'state' missing or not JSON ({e})") from None
-    for key in ("config", "epoch", "step_in_epoch", "global_step", "best", "optimizer", "world_size", "rng"):
-        if key not in state:
-            raise CheckpointError(f"{path}: missing field 'state.{key}'")
-    return tensors, state
-
-
 def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
     """The stored settings of a run, with only `RESUME_MUTABLE` keys changeable by `overrides`."""
     _, state = load_resume_state(run_dir)
@@ -382,9 +336,6 @@ def train(
     """
     from rich.console import Console
 
-    from tmkt.data.registry import build_data
-    from tmkt.train.method import build_method
-
     cfg = cfg.resolved()
     device = resolve_device(cfg.device)
     info = dist_utils.init(device.type)
@@ -394,365 +345,391 @@ def train(
     say = console.print if info.is_main else (lambda *a, **k: None)
     try:
         with _deterministic(device.type == "cpu"):
-            return _train(cfg, device, info, console, say, resume, build_data, build_method, overwrite)
+            run = _set_up(cfg, device, info, console, say, resume, overwrite)
+            with _catch_stop_signals() as stop:
+                for epoch in range(run.start_epoch, cfg.epochs):
+                    _train_epoch(run, epoch, stop)
+            return _final_test(run)
     finally:
         dist_utils.shutdown(info)
 
 
-def _train(cfg, device, info, console, say, resume, build_data, build_method, overwrite=False) -> TrainResult:
-    if cfg.batch_size % info.world_size:
-        raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {info.world_size} processes")
-    per_rank_batch = cfg.batch_size // info.world_size
+# ------------------------------------------------------------------ what the method says
 
-    resume_tensors, resume_state = (None, None)
-    if resume is not None:
-        resume_tensors, resume_state = load_resume_state(resume)
-        stored = config_from_dict(resume_state["config"]).resolved()
-        diff = [f.name for f in fields(TrainConfig) if f.name not in RESUME_MUTABLE and getattr(stored, f.name) != getattr(cfg, f.name)]
-        if diff:
-            raise TrainingError(f"{resume}: settings differ from the stored run: {', '.join(diff)}")
-        if resume_state["world_size"] != info.world_size:
-            raise TrainingError(
-                f"{resume}: the run used {resume_state['world_size']} processes; resume it with the same number "
-                f"(this one has {info.world_size}) so that every rank sees the same samples"
-            )
-        run_dir = Path(resume)
-    else:
-        run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method.name)
-        run_dir = Path(dist_utils.broadcast_text(str(run_dir), info, device))
-        if not overwrite and (run_dir / CONFIG_NAME).exists():
-            raise TrainingError(
-                f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
-                "choose another --out, or pass --overwrite"
-            )
 
-    bundle = build_data(
-        cfg.dataset,
-        timesteps=cfg.timesteps,
-        input_size=cfg.input_size,
-        data_root=cfg.data_root,
-        static_root=cfg.static_root,
-        event_fraction=cfg.event_fraction,
-        seed=cfg.seed,
-        cache_dir=cfg.cache_dir,
-        options=dict(cfg.data_options) or None,
+def find_unused_parameters(method: nn.Module) -> bool:
+    """Whether DDP must look, in each backward, for parameters the step left without gradient.
+    The method says so (`unused_parameters_possible`): TMKT uses both heads, MAG, MRP and eta
+    every step; dvs and finetune leave the mixed head, MAG, MRP and eta unused, ekt MAG and MRP.
+    A method that does not say gets True, which is always correct, only slower."""
+    return bool(getattr(method, "unused_parameters_possible", True))
+
+
+def needs_static_images(method: nn.Module) -> bool:
+    """Whether the method trains on static images. The method says so (`needs_static_images`);
+    one that does not is taken to be like every method but events-only training (`dvs`)."""
+    says = getattr(method, "needs_static_images", None)
+    return bool(says) if says is not None else method.cfg.name != "dvs"
+
+
+# ------------------------------------------------------------------ stage 1: set-up
+
+
+@dataclass(eq=False)
+class _Run:
+    """What set-up builds and every epoch carries on, for one training process."""
+
+    cfg: TrainConfig
+    device: torch.device
+    info: dist_utils.DistInfo
+    console: Any
+    say: Callable[..., None]
+    run_dir: Path
+    bundle: Any  # tmkt.data.spec.DataBundle
+    model: nn.Module
+    method: nn.Module
+    objective: nn.Module  # model + method, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    per_rank_batch: int
+    steps_per_epoch: int
+    workers: int
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    record: dict[str, Any] = field(default_factory=dict)  # what config.json holds
+    tb: Any = None  # TensorBoard writer (rank 0, when tensorboard imports)
+    resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # resume file: tensors, state
+    start_epoch: int = 0
+    start_step: int = 0
+    global_step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"val_accuracy": None, "epoch": None})
+    best_state: dict[str, torch.Tensor] | None = None  # weights of the best validation epoch
+    metrics_lines: int = 0
+    compiling: bool = False  # until the first step of this process has compiled
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.bundle.spec.class_names)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
+
+
+def _checked_resume(resume: str | Path, cfg: TrainConfig, info: dist_utils.DistInfo):
+    """The resume file of run `resume`, refused when `cfg` or the process count differ from it."""
+    tensors, state = load_resume_state(resume)
+    stored = config_from_dict(state["config"]).resolved()
+    diff = [f.name for f in fields(TrainConfig) if f.name not in RESUME_MUTABLE and getattr(stored, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise TrainingError(f"{resume}: settings differ from the stored run: {', '.join(diff)}")
+    if state["world_size"] != info.world_size:
+        raise TrainingError(
+            f"{resume}: the run used {state['world_size']} processes; resume it with the same number "
+            f"(this one has {info.world_size}) so that every rank sees the same samples"
+        )
+    return tensors, state
+
+
+def _new_run_dir(cfg: TrainConfig, info: dist_utils.DistInfo, device: torch.device, overwrite: bool) -> Path:
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method.name)
+    run_dir = Path(dist_utils.broadcast_text(str(run_dir), info, device))
+    if not overwrite and (run_dir / CONFIG_NAME).exists():
+        raise TrainingError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "choose another --out, or pass --overwrite"
+        )
+    return run_dir
+
+
+def _build_data(cfg: TrainConfig):
+    from tmkt.data.registry import build_data
+
+    try:
+        return build_data(
+            cfg.dataset,
+            timesteps=cfg.timesteps,
+            input_size=cfg.input_size,
+            data_root=cfg.data_root,
+            static_root=cfg.static_root,
+            event_fraction=cfg.event_fraction,
+            seed=cfg.seed,
+            cache_dir=cfg.cache_dir,
+            options=dict(cfg.data_options) or None,
+        )
+    except ValueError as e:  # the data package reports a bad name, option or folder as ValueError
+        raise TrainingDataError(str(e)) from e
+
+
+def _build_network(cfg: TrainConfig, bundle, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The network (initial weights from the seed alone) and the method loss, on `device`."""
+    from tmkt.train.method import build_method
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(
+        backbone=cfg.backbone, num_classes=len(bundle.spec.class_names), input_size=tuple(bundle.spec.input_size),
+        width=cfg.width, neuron=cfg.neuron,
     )
-    spec = bundle.spec
-    if cfg.method.name != "dvs" and not bundle.has_static:
+    model = build_model(model_cfg).to(device)
+    method = build_method(cfg.method, cfg.timesteps).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if needs_static_images(method) and not bundle.has_static:
         raise TrainingError(
             f"method {cfg.method.name!r} transfers from static images but {cfg.dataset!r} has none here "
             "(give --static-root, or use --method dvs)"
         )
-    class_names = list(spec.class_names)
+    return model, method
 
-    torch.manual_seed(cfg.seed)  # initial weights depend on the seed alone
-    model = build_model(
-        ModelConfig(
-            backbone=cfg.backbone,
-            num_classes=len(class_names),
-            input_size=tuple(spec.input_size),
-            width=cfg.width,
-            neuron=cfg.neuron,
-        )
-    ).to(device)
-    method = build_method(cfg.method, cfg.timesteps).to(device)
-    if device.type == "cuda" and cfg.channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    params = [p for p in model.parameters() if p.requires_grad] + [p for p in method.parameters() if p.requires_grad]
-    optimizer = make_optimizer(params, cfg, device)
-    if cfg.compile:
-        method.compile_core()  # both streams' forward and every loss as one graph (compiled on first step)
+
+def _objective(model: nn.Module, method: nn.Module, device: torch.device, info: dist_utils.DistInfo) -> nn.Module:
     objective: nn.Module = Objective(model, method)
     if info.enabled:
         from torch.nn.parallel import DistributedDataParallel
 
-        # Only TMKT uses every parameter each step (both heads, MAG, MRP, eta); the others leave
-        # some unused (dvs / finetune: mixed head, MAG, MRP, eta; ekt: MAG, MRP), which DDP must
-        # then look for in each backward.
         objective = DistributedDataParallel(
             objective,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=cfg.method.name != "tmkt",
+            find_unused_parameters=find_unused_parameters(method),
         )
+    return objective
 
-    n_train = len(bundle.train)
-    steps_per_epoch = math.ceil(math.ceil(n_train / info.world_size) / per_rank_batch)
-    total_steps = cfg.epochs * steps_per_epoch
-    warmup_steps = int(round(cfg.warmup_epochs * steps_per_epoch))
-    generator = torch.Generator()
 
-    start_epoch, start_step, global_step = 0, 0, 0
-    best = {"val_accuracy": None, "epoch": None}
-    if resume_state is not None:
-        model.load_state_dict({k[6:]: v for k, v in resume_tensors.items() if k.startswith("model.")}, strict=False)
-        method.load_state_dict({k[7:]: v.to(device) for k, v in resume_tensors.items() if k.startswith("method.")})
-        optimizer.load_state_dict(_unflatten_optimizer(resume_tensors, resume_state["optimizer"]))
-        start_epoch, start_step = resume_state["epoch"], resume_state["step_in_epoch"]
-        global_step, best = resume_state["global_step"], resume_state["best"]
-        if info.is_main:
-            _truncate_metrics(run_dir / METRICS_NAME, resume_state["metrics_lines"])
-        say(f"[bold]resuming[/] {run_dir} at epoch {start_epoch + 1}, step {start_step}")
-
-    record = {
-        "data": spec.to_dict(),
+def _set_up(cfg: TrainConfig, device: torch.device, info: dist_utils.DistInfo, console, say,
+            resume: str | Path | None, overwrite: bool) -> _Run:
+    """Stage 1: run directory, data, network, method loss, optimizer; the resume state if any."""
+    if cfg.batch_size % info.world_size:
+        raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {info.world_size} processes")
+    per_rank_batch = cfg.batch_size // info.world_size
+    resumed = _checked_resume(resume, cfg, info) if resume is not None else None
+    run_dir = Path(resume) if resume is not None else _new_run_dir(cfg, info, device, overwrite)
+    bundle = _build_data(cfg)
+    model, method = _build_network(cfg, bundle, device)
+    params = [p for p in model.parameters() if p.requires_grad] + [p for p in method.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, device)
+    if cfg.compile:
+        method.compile_core()  # both streams' forward and every loss as one graph (compiled on first step)
+    steps_per_epoch = math.ceil(math.ceil(len(bundle.train) / info.world_size) / per_rank_batch)
+    run = _Run(
+        cfg=cfg, device=device, info=info, console=console, say=say, run_dir=run_dir, bundle=bundle, model=model,
+        method=method, objective=_objective(model, method, device, info), optimizer=optimizer,
+        per_rank_batch=per_rank_batch, steps_per_epoch=steps_per_epoch,
+        workers=loader_workers(cfg.num_workers, device, info), resumed=resumed, compiling=cfg.compile,
+    )
+    if resumed is not None:
+        _continue_from(run, *resumed)
+    run.record = {
+        "data": bundle.spec.to_dict(),
         "method": cfg.method.to_dict(),
         "train": {**cfg.to_dict(), "world_size": info.world_size, "device_type": device.type},
         "metrics": {},
     }
-    best_state = None
-    if best["epoch"] is not None and (run_dir / BEST_NAME).exists():
-        best_state = load_file(str(run_dir / BEST_NAME))
-    tb = _tensorboard(run_dir) if info.is_main else None
+    if run.best["epoch"] is not None and (run_dir / BEST_NAME).exists():
+        run.best_state = load_file(str(run_dir / BEST_NAME))
+    run.tb = tensorboard(run_dir) if info.is_main else None
+    _announce(run)
+    return run
 
-    if info.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        say(
-            f"[bold]tmkt train[/] {cfg.method.name} on {cfg.dataset}: {n_train} train / {len(bundle.val)} val / "
-            f"{len(bundle.test)} test, T={cfg.timesteps}, {tuple(spec.input_size)}, {cfg.backbone}, "
-            f"{cfg.epochs} epochs x {steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
-            f"{device}{f' x {info.world_size}' if info.enabled else ''}"
+
+def _continue_from(run: _Run, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    restore_training_state(tensors, state, run.model, run.method, run.optimizer, run.device)
+    run.start_epoch, run.start_step = state["epoch"], state["step_in_epoch"]
+    run.global_step, run.best, run.metrics_lines = state["global_step"], state["best"], state["metrics_lines"]
+    if run.info.is_main:
+        truncate_metrics(run.run_dir / METRICS_NAME, state["metrics_lines"])
+    run.say(f"[bold]resuming[/] {run.run_dir} at epoch {run.start_epoch + 1}, step {run.start_step}")
+
+
+def _announce(run: _Run) -> None:
+    cfg, info, bundle = run.cfg, run.info, run.bundle
+    if not info.is_main:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.say(
+        f"[bold]tmkt train[/] {cfg.method.name} on {cfg.dataset}: {len(bundle.train)} train / {len(bundle.val)} val / "
+        f"{len(bundle.test)} test, T={cfg.timesteps}, {tuple(bundle.spec.input_size)}, {cfg.backbone}, "
+        f"{cfg.epochs} epochs x {run.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+        f"{run.device}{f' x {info.world_size}' if info.enabled else ''}"
+    )
+    run.say(f"run directory: {run.run_dir}")
+    if cfg.compile:
+        run.say("--compile: the first step compiles the training step (minutes; later steps are faster)")
+
+
+# ------------------------------------------------------------------ stage 2: one epoch
+
+
+class _FinishedStep(NamedTuple):
+    """A step whose loss and logs are still on the device (read once the next step is queued)."""
+
+    loss: torch.Tensor
+    logs: dict[str, Any]
+    samples: int
+    index: int
+
+
+def _save_checkpoint(run: _Run, epoch: int, step_in_epoch: int, partial_sums: dict[str, float] | None = None) -> None:
+    """Write last weights and the resume state (rank 0), RNG states gathered from every rank."""
+    rng = {k: torch.stack(dist_utils.all_gather_bytes(v, run.info, run.device)) for k, v in rng_tensors(run.generator).items()}
+    if not run.info.is_main:
+        return
+    run.record["metrics"] = metrics_record(run.best, run.metrics_lines)
+    if run.best["epoch"] is None:
+        save_run(run.run_dir, run.model, run.record, weights_name=BEST_NAME)  # so the run directory always loads
+    save_run(run.run_dir, run.model, run.record, weights_name=LAST_NAME)
+    tensors, rest = resume_tensors(model_state(run.model), run.method, run.optimizer, rng)
+    state = {
+        "config": run.cfg.to_dict(),
+        "epoch": epoch,
+        "step_in_epoch": step_in_epoch,
+        "global_step": run.global_step,
+        "best": run.best,
+        "optimizer": rest["optimizer"],
+        "world_size": run.info.world_size,
+        "metrics_lines": run.metrics_lines,
+        "partial_sums": partial_sums or {},
+        "rng": rest["rng"],
+    }
+    save_resume_state(run.run_dir / RESUME_NAME, tensors, state)
+
+
+def _settle(run: _Run, epoch: int, step: _FinishedStep, sums: dict[str, float], bar, task) -> None:
+    """Turn one finished step's loss and logs into floats. Called once the next step is queued,
+    so on a GPU this host sync waits for work that is already done instead of stalling the
+    queue in the middle of a step."""
+    value = float(step.loss)
+    if not math.isfinite(value):
+        raise TrainingError(
+            f"loss became {value} at epoch {epoch + 1}, step {step.index + 1}; try a lower --lr (now {run.cfg.lr:g})"
         )
-        say(f"run directory: {run_dir}")
-        if cfg.compile:
-            say("--compile: the first step compiles the training step (minutes; later steps are faster)")
+    accumulate(sums, {**{k: float(v) for k, v in step.logs.items()}, "loss": value}, step.samples)
+    shown = f"loss {mean(sums, 'loss'):.4f}"
+    if "acc_event" in sums:
+        shown += f"  acc {mean(sums, 'acc_event'):.3f}"
+    bar.update(task, advance=1, info=shown)
 
-    def checkpoint(epoch: int, step_in_epoch: int, metrics_lines: int, partial: dict[str, float] | None = None) -> None:
-        """Write last weights and the resume state (rank 0), RNG states gathered from every rank."""
-        rng = {
-            "method": torch.stack(dist_utils.all_gather_bytes(_rng_tensor(generator.get_state()), info, device)),
-            "torch": torch.stack(dist_utils.all_gather_bytes(_rng_tensor(torch.get_rng_state()), info, device)),
-        }
-        if not info.is_main:
-            return
-        record["metrics"] = _metrics_record(best, metrics_lines)
-        if best["epoch"] is None:
-            save_run(run_dir, model, record, weights_name=BEST_NAME)  # so the run directory always loads
-        save_run(run_dir, model, record, weights_name=LAST_NAME)
-        opt_tensors, opt_meta = _flatten_optimizer(optimizer)
-        tensors = {f"model.{k}": v for k, v in model_state(model).items()}
-        tensors.update({f"method.{k}": v for k, v in method.state_dict().items()})
-        tensors.update(opt_tensors)
-        tensors.update({f"rng.method.{r}": t for r, t in enumerate(rng["method"])})
-        tensors.update({f"rng.torch.{r}": t for r, t in enumerate(rng["torch"])})
-        np_state = np.random.get_state()
-        tensors["rng.numpy"] = torch.from_numpy(np_state[1].astype(np.int64))
-        state = {
-            "config": cfg.to_dict(),
-            "epoch": epoch,
-            "step_in_epoch": step_in_epoch,
-            "global_step": global_step,
-            "best": best,
-            "optimizer": opt_meta,
-            "world_size": info.world_size,
-            "metrics_lines": metrics_lines,
-            "partial_sums": partial or {},
-            "rng": {"numpy": [np_state[0], int(np_state[2]), int(np_state[3]), float(np_state[4])], "python": _py_rng()},
-        }
-        save_resume_state(run_dir / RESUME_NAME, tensors, state)
 
-    metrics_lines = resume_state["metrics_lines"] if resume_state else 0
-    workers = loader_workers(cfg.num_workers, device, info)
-    compiling = cfg.compile  # until the first step of this process has compiled
-    with _catch_stop_signals() as stop:
-        for epoch in range(start_epoch, cfg.epochs):
-            t0 = time.perf_counter()
-            _seed_epoch(cfg.seed, epoch, info.rank, generator)
-            indices = _epoch_indices(n_train, epoch, cfg.seed, info)
-            skip = 0
-            sums: dict[str, float] = {}
-            if resume_state is not None and epoch == start_epoch and start_step:
-                skip = start_step
-                _restore_rng(resume_tensors, resume_state, info.rank, generator)
-                # The stored sums are over all ranks: rank 0 carries them, the others add zeros.
-                sums = {k: (v if info.is_main else 0.0) for k, v in resume_state.get("partial_sums", {}).items()}
-            if hasattr(bundle.train, "set_epoch"):
-                bundle.train.set_epoch(epoch)
-            loader = _dataloader(bundle.train, indices[skip * per_rank_batch :], per_rank_batch, workers, device)
-            model.train()
-            method.train()
-            progress_bar = _progress(console, info.is_main)
-            with progress_bar as bar:
-                task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=steps_per_epoch, completed=skip, info="")
-                pending = None
+def _stop_mid_epoch(run: _Run, epoch: int, steps_done: int, sums: dict[str, float], signum: int) -> None:
+    dist_utils.broadcast_buffers(run.model, run.info)
+    _save_checkpoint(run, epoch, steps_done, reduce_sums(sums, run.info, run.device))
+    run.say(f"\n[yellow]interrupted[/]: saved {run.run_dir / LAST_NAME} and the resume state.")
+    run.say(f"resume with: [bold]tmkt train --resume {run.run_dir}[/]")
+    raise TrainingInterrupted(run.run_dir, epoch, steps_done, signum or signal.SIGINT)
 
-                def settle(step) -> None:
-                    """Turn one finished step's loss and logs into floats. Called once the next
-                    step is queued, so on a GPU this host sync waits for work that is already
-                    done instead of stalling the queue in the middle of a step."""
-                    loss_t, logs, b, i = step
-                    value = float(loss_t)
-                    if not math.isfinite(value):
-                        raise TrainingError(
-                            f"loss became {value} at epoch {epoch + 1}, step {i + 1}; try a lower --lr (now {cfg.lr:g})"
-                        )
-                    _accumulate(sums, {**{k: float(v) for k, v in logs.items()}, "loss": value}, b)
-                    shown = f"loss {_mean(sums, 'loss'):.4f}"
-                    if "acc_event" in sums:
-                        shown += f"  acc {_mean(sums, 'acc_event'):.3f}"
-                    bar.update(task, advance=1, info=shown)
 
-                for i, batch in enumerate(loader, start=skip):
-                    lr = lr_at(global_step, total_steps, warmup_steps, cfg.lr, cfg.min_lr)
-                    progress = global_step / max(1, total_steps)
-                    t_step = time.perf_counter()
-                    loss, logs = train_step(objective, optimizer, batch, lr, progress, generator, device, cfg.amp)
-                    if compiling:
-                        say(f"first (compiling) step: {time.perf_counter() - t_step:.0f} s")
-                        compiling = False
-                    global_step += 1
-                    if pending is not None:
-                        settle(pending)
-                    pending = (loss, logs, int(batch[2].shape[0]), i)
-                    if dist_utils.any_rank(stop.requested, info, device):
-                        settle(pending)
-                        dist_utils.broadcast_buffers(model, info)
-                        checkpoint(epoch, i + 1, metrics_lines, _reduce_sums(sums, info, device))
-                        say(f"\n[yellow]interrupted[/]: saved {run_dir / LAST_NAME} and the resume state.")
-                        say(f"resume with: [bold]tmkt train --resume {run_dir}[/]")
-                        raise TrainingInterrupted(run_dir, epoch, i + 1, stop.signum or signal.SIGINT)
-                if pending is not None:
-                    settle(pending)
+def _epoch_loader(run: _Run, epoch: int) -> tuple[DataLoader, int, dict[str, float]]:
+    """The epoch's loader (seeded from (seed, epoch, rank)), the steps already done, their sums."""
+    cfg, info = run.cfg, run.info
+    _seed_epoch(cfg.seed, epoch, info.rank, run.generator)
+    indices = _epoch_indices(len(run.bundle.train), epoch, cfg.seed, info)
+    skip, sums = 0, {}
+    if run.resumed is not None and epoch == run.start_epoch and run.start_step:
+        tensors, state = run.resumed
+        skip = run.start_step
+        restore_rng(tensors, state, info.rank, run.generator)
+        # The stored sums are over all ranks: rank 0 carries them, the others add zeros.
+        sums = {k: (v if info.is_main else 0.0) for k, v in state.get("partial_sums", {}).items()}
+    if hasattr(run.bundle.train, "set_epoch"):
+        run.bundle.train.set_epoch(epoch)
+    loader = _dataloader(run.bundle.train, indices[skip * run.per_rank_batch :], run.per_rank_batch, run.workers, run.device)
+    return loader, skip, sums
 
-            # DDP broadcasts rank 0's BatchNorm buffers before each forward; after the epoch's last
-            # update they differ, so make them rank 0's again before evaluating and saving.
-            dist_utils.broadcast_buffers(model, info)
-            train_stats = _reduce_means(sums, info, device)
-            row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_stats.pop("loss")}
-            if "acc_event" in train_stats:
-                row["train_acc"] = train_stats.pop("acc_event")
-            row.update({f"train_{k}": v for k, v in train_stats.items()})
-            last_epoch = epoch + 1 == cfg.epochs
-            if (epoch + 1) % cfg.eval_every == 0 or last_epoch:
-                val = _eval_split(model, bundle.val, class_names, cfg.eval_batch_size, device, info)
-                row["val_acc"] = val["accuracy"]
-                if best["val_accuracy"] is None or val["accuracy"] > best["val_accuracy"]:
-                    best = {"val_accuracy": val["accuracy"], "epoch": epoch + 1}
-                    best_state = {k: v.detach().cpu().clone() for k, v in model_state(model).items()}
-                    if info.is_main:
-                        record["metrics"] = _metrics_record(best, metrics_lines + 1)
-                        save_run(run_dir, model, record, weights_name=BEST_NAME)
-            row["lr"] = optimizer.param_groups[0]["lr"]
-            row["seconds"] = round(time.perf_counter() - t0, 3)
-            if info.is_main:
-                _append_metrics(run_dir / METRICS_NAME, row, tb)
-            metrics_lines += 1
-            checkpoint(epoch + 1, 0, metrics_lines)
-            say(_epoch_line(row, best))
-            if dist_utils.any_rank(stop.requested, info, device):
-                say(f"[yellow]interrupted[/]: resume with: [bold]tmkt train --resume {run_dir}[/]")
-                raise TrainingInterrupted(run_dir, epoch + 1, 0, stop.signum or signal.SIGINT)
 
-    # Final test of the best weights, with the same float32 evaluation `tmkt eval` runs.
-    if best_state is not None:
-        model.load_state_dict(best_state, strict=False)
-    test = _eval_split(model, bundle.test, class_names, cfg.eval_batch_size, device, info)
+def _train_steps(run: _Run, epoch: int, stop: _StopFlag) -> dict[str, float]:
+    """The optimizer steps of one epoch; returns the sample-weighted sums of loss and logs."""
+    cfg = run.cfg
+    loader, skip, sums = _epoch_loader(run, epoch)
+    run.model.train()
+    run.method.train()
+    with progress_bar(run.console, run.info.is_main) as bar:
+        task = bar.add_task(f"epoch {epoch + 1}/{cfg.epochs}", total=run.steps_per_epoch, completed=skip, info="")
+        pending = None
+        for i, batch in enumerate(loader, start=skip):
+            lr = lr_at(run.global_step, run.total_steps, run.warmup_steps, cfg.lr, cfg.min_lr)
+            progress = run.global_step / max(1, run.total_steps)
+            t_step = time.perf_counter()
+            loss, logs = train_step(run.objective, run.optimizer, batch, lr, progress, run.generator, run.device, cfg.amp)
+            if run.compiling:
+                run.say(f"first (compiling) step: {time.perf_counter() - t_step:.0f} s")
+                run.compiling = False
+            run.global_step += 1
+            if pending is not None:
+                _settle(run, epoch, pending, sums, bar, task)
+            pending = _FinishedStep(loss, logs, int(batch[2].shape[0]), i)
+            if dist_utils.any_rank(stop.requested, run.info, run.device):
+                _settle(run, epoch, pending, sums, bar, task)
+                _stop_mid_epoch(run, epoch, i + 1, sums, stop.signum)
+        if pending is not None:
+            _settle(run, epoch, pending, sums, bar, task)
+    return sums
+
+
+def _validate(run: _Run, epoch: int, row: dict[str, Any]) -> None:
+    """Validation accuracy into `row`; a new best is kept in memory and saved as model.safetensors."""
+    val = _eval_split(run.model, run.bundle.val, run.class_names, run.cfg.eval_batch_size, run.device, run.info)
+    row["val_acc"] = val["accuracy"]
+    if run.best["val_accuracy"] is None or val["accuracy"] > run.best["val_accuracy"]:
+        run.best = {"val_accuracy": val["accuracy"], "epoch": epoch + 1}
+        run.best_state = {k: v.detach().cpu().clone() for k, v in model_state(run.model).items()}
+        if run.info.is_main:
+            run.record["metrics"] = metrics_record(run.best, run.metrics_lines + 1)
+            save_run(run.run_dir, run.model, run.record, weights_name=BEST_NAME)
+
+
+def _train_epoch(run: _Run, epoch: int, stop: _StopFlag) -> None:
+    """Stage 2: one epoch of steps, then validation, the metrics line and the resume state."""
+    cfg, info = run.cfg, run.info
+    t0 = time.perf_counter()
+    sums = _train_steps(run, epoch, stop)
+    # DDP broadcasts rank 0's BatchNorm buffers before each forward; after the epoch's last
+    # update they differ, so make them rank 0's again before evaluating and saving.
+    dist_utils.broadcast_buffers(run.model, info)
+    train_stats = reduce_means(sums, info, run.device)
+    row: dict[str, Any] = {"epoch": epoch + 1, "train_loss": train_stats.pop("loss")}
+    if "acc_event" in train_stats:
+        row["train_acc"] = train_stats.pop("acc_event")
+    row.update({f"train_{k}": v for k, v in train_stats.items()})
+    if (epoch + 1) % cfg.eval_every == 0 or epoch + 1 == cfg.epochs:
+        _validate(run, epoch, row)
+    row["lr"] = run.optimizer.param_groups[0]["lr"]
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    if info.is_main:
+        append_metrics(run.run_dir / METRICS_NAME, row, run.tb)
+    run.metrics_lines += 1
+    _save_checkpoint(run, epoch + 1, 0)
+    run.say(epoch_line(row, run.best))
+    if dist_utils.any_rank(stop.requested, info, run.device):
+        run.say(f"[yellow]interrupted[/]: resume with: [bold]tmkt train --resume {run.run_dir}[/]")
+        raise TrainingInterrupted(run.run_dir, epoch + 1, 0, stop.signum or signal.SIGINT)
+
+
+# ------------------------------------------------------------------ stage 3: final test
+
+
+def _final_test(run: _Run) -> TrainResult:
+    """Stage 3: the best weights on the test split, with the same float32 evaluation `tmkt eval` runs."""
+    cfg, info = run.cfg, run.info
+    if run.best_state is not None:
+        run.model.load_state_dict(run.best_state, strict=False)
+    test = _eval_split(run.model, run.bundle.test, run.class_names, cfg.eval_batch_size, run.device, info)
     best_epoch_metrics = {
-        **_metrics_record(best, metrics_lines),
+        **metrics_record(run.best, run.metrics_lines),
         "test_accuracy": test["accuracy"],
         "test_correct": test["correct"],
         "test_total": test["total"],
     }
     if info.is_main:
-        record["metrics"] = best_epoch_metrics
-        save_run(run_dir, model, record, weights_name=BEST_NAME)
-        if tb is not None:
-            tb.add_scalar("test/accuracy", test["accuracy"], cfg.epochs)
-            tb.close()
-        say(
-            f"[bold green]done[/]: best val {best['val_accuracy']:.4f} (epoch {best['epoch']}), "
+        run.record["metrics"] = best_epoch_metrics
+        save_run(run.run_dir, run.model, run.record, weights_name=BEST_NAME)
+        if run.tb is not None:
+            run.tb.add_scalar("test/accuracy", test["accuracy"], cfg.epochs)
+            run.tb.close()
+        run.say(
+            f"[bold green]done[/]: best val {run.best['val_accuracy']:.4f} (epoch {run.best['epoch']}), "
             f"test accuracy {test['accuracy']:.4f} ({test['correct']}/{test['total']})"
         )
     dist_utils.barrier(info)
-    model.eval()
-    return TrainResult(run_dir=run_dir, metrics=best_epoch_metrics, model=model, method=method)
-
-
-# ------------------------------------------------------------------ small pieces
-
-
-def _py_rng() -> list:
-    version, internal, gauss = random.getstate()
-    return [version, list(internal), gauss]
-
-
-def _restore_rng(tensors: dict[str, torch.Tensor], state: dict[str, Any], rank: int, generator: torch.Generator) -> None:
-    """Put back the RNG states saved at a step boundary (mid-epoch resume)."""
-    generator.set_state(tensors[f"rng.method.{rank}"].clone())
-    torch.set_rng_state(tensors[f"rng.torch.{rank}"].clone())
-    name, pos, has_gauss, cached = state["rng"]["numpy"]
-    np.random.set_state((name, tensors["rng.numpy"].numpy().astype(np.uint32), pos, has_gauss, cached))
-    version, internal, gauss = state["rng"]["python"]
-    random.setstate((version, tuple(internal), gauss))
-
-
-def _accumulate(sums: dict[str, float], values: dict[str, float], n: int) -> None:
-    """Add sample-weighted values and their sample counts (`#key`): some methods log a key only
-    in part of the steps (fine-tuning's static phase), so each key keeps its own count."""
-    for k, v in values.items():
-        sums[k] = sums.get(k, 0.0) + v * n
-        sums[f"#{k}"] = sums.get(f"#{k}", 0.0) + n
-
-
-def _mean(sums: dict[str, float], key: str) -> float:
-    return sums[key] / sums[f"#{key}"]
-
-
-def _reduce_sums(sums: dict[str, float], info: dist_utils.DistInfo, device: torch.device) -> dict[str, float]:
-    """`sums` added over ranks (every rank reports the same keys)."""
-    keys = sorted(sums)
-    total = dist_utils.all_reduce_sum(torch.tensor([sums[k] for k in keys], dtype=torch.float64), info, device)
-    return dict(zip(keys, total.tolist()))
-
-
-def _reduce_means(sums: dict[str, float], info: dist_utils.DistInfo, device: torch.device) -> dict[str, float]:
-    """Sample-weighted means over the epoch and over ranks."""
-    if not sums:
-        return {"loss": float("nan")}
-    d = _reduce_sums(sums, info, device)
-    return {k: _mean(d, k) for k in d if not k.startswith("#")}
-
-
-def _metrics_record(best: dict[str, Any], epochs_done: int) -> dict[str, Any]:
-    return {"best_val_accuracy": best["val_accuracy"], "best_epoch": best["epoch"], "epochs_done": epochs_done}
-
-
-def _append_metrics(path: Path, row: dict[str, Any], tb) -> None:
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
-    if tb is not None:
-        for k, v in row.items():
-            if k != "epoch" and isinstance(v, (int, float)):
-                tb.add_scalar(k.replace("_", "/", 1), v, row["epoch"])
-        tb.flush()
-
-
-def _truncate_metrics(path: Path, lines: int) -> None:
-    """Drop metric lines written after the resume state (an epoch that will be run again)."""
-    if path.exists():
-        kept = path.read_text().splitlines(keepends=True)[:lines]
-        atomic_write_bytes(path, "".join(kept).encode())
-
-
-def _epoch_line(row: dict[str, Any], best: dict[str, Any]) -> str:
-    parts = [f"epoch {row['epoch']:>3}", f"loss {row['train_loss']:.4f}"]
-    if "train_acc" in row:
-        parts.append(f"train acc {row['train_acc']:.3f}")
-    if "val_acc" in row:
-        parts.append(f"val acc {row['val_acc']:.3f}" + (" *" if best["epoch"] == row["epoch"] else ""))
-    parts += [f"lr {row['lr']:.2e}", f"{row['seconds']:.1f}s"]
-    return "  ".join(parts)
-
-
-def _progress(console, enabled: bool):
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-
-    return Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"),
-        TimeRemainingColumn(),
-        console=console,
-        transient=True,
-        disable=not (enabled and console.is_terminal),
-    )
+    run.model.eval()
+    return TrainResult(run_dir=run.run_dir, metrics=best_epoch_metrics, model=run.model, method=run.method)
