@@ -241,6 +241,23 @@ def test_eta_gets_gradients(name):
     assert torch.all(method.eta.grad != 0)
 
 
+@pytest.mark.parametrize("cfg", [
+    {"name": "dvs"}, {"name": "finetune"}, {"name": "ekt"}, {"name": "ekt", "source_head": "event"},
+    {"name": "tmkt", "source_head": "mixed"}, {"name": "tmkt", "source_head": "event"},
+])
+def test_method_says_truly_whether_a_step_leaves_parameters_unused(cfg):
+    """What DDP's find_unused_parameters is set from: checked against the gradients of a real step."""
+    model = _model()
+    static, events, labels = _batch()
+    method = build_method(MethodConfig(**cfg), T)
+    loss, _ = method(model, static, events, labels, 0.9, _gen())
+    loss.backward()
+    params = list(model.parameters()) + list(method.parameters())
+    unused = any(p.grad is None for p in params)
+    assert method.unused_parameters_possible == unused
+    assert method.needs_static_images == (cfg["name"] != "dvs")
+
+
 @pytest.mark.parametrize("name", METHODS)
 def test_deterministic_for_a_fixed_generator(name):
     static, events, labels = _batch()

@@ -182,6 +182,17 @@ class MethodLoss(nn.Module):
         self.eta = nn.Parameter(torch.full((timesteps,), float(cfg.eta_init)))
         self._core = self.core
 
+    @property
+    def unused_parameters_possible(self) -> bool:
+        """Whether a step may leave some parameter without a gradient (DDP must then look for it):
+        only TMKT with the papers' separate head uses every head, MAG, MRP and eta in every step."""
+        return not (self.cfg.name == "tmkt" and self.cfg.source_head == "mixed")
+
+    @property
+    def needs_static_images(self) -> bool:
+        """Whether the method trains on static images (every method but events-only `dvs`)."""
+        return self.cfg.name != "dvs"
+
     def compile_core(self, **options: Any) -> "MethodLoss":
         """Compile `core` (both streams' forward and all losses) as one graph; ``options`` go to
         `torch.compile`. Defaults: ``fullgraph=True`` (a graph break is not silent: it warns once

@@ -354,24 +354,6 @@ def train(
         dist_utils.shutdown(info)
 
 
-# ------------------------------------------------------------------ what the method says
-
-
-def find_unused_parameters(method: nn.Module) -> bool:
-    """Whether DDP must look, in each backward, for parameters the step left without gradient.
-    The method says so (`unused_parameters_possible`): TMKT uses both heads, MAG, MRP and eta
-    every step; dvs and finetune leave the mixed head, MAG, MRP and eta unused, ekt MAG and MRP.
-    A method that does not say gets True, which is always correct, only slower."""
-    return bool(getattr(method, "unused_parameters_possible", True))
-
-
-def needs_static_images(method: nn.Module) -> bool:
-    """Whether the method trains on static images. The method says so (`needs_static_images`);
-    one that does not is taken to be like every method but events-only training (`dvs`)."""
-    says = getattr(method, "needs_static_images", None)
-    return bool(says) if says is not None else method.cfg.name != "dvs"
-
-
 # ------------------------------------------------------------------ stage 1: set-up
 
 
@@ -476,7 +458,7 @@ def _build_network(cfg: TrainConfig, bundle, device: torch.device) -> tuple[nn.M
     method = build_method(cfg.method, cfg.timesteps).to(device)
     if device.type == "cuda" and cfg.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if needs_static_images(method) and not bundle.has_static:
+    if method.needs_static_images and not bundle.has_static:
         raise TrainingError(
             f"method {cfg.method.name!r} transfers from static images but {cfg.dataset!r} has none here "
             "(give --static-root, or use --method dvs)"
@@ -492,7 +474,7 @@ def _objective(model: nn.Module, method: nn.Module, device: torch.device, info: 
         objective = DistributedDataParallel(
             objective,
             device_ids=[device.index] if device.type == "cuda" else None,
-            find_unused_parameters=find_unused_parameters(method),
+            find_unused_parameters=method.unused_parameters_possible,
         )
     return objective
 
