@@ -15,7 +15,7 @@ install: $(STAMP)
 # torch is pinned on the same pip line as everything else: this takes the CPU build.
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q torch==2.13.0 -e '.[dev]'
+	$(BIN)/pip install -q torch==2.13.0 -e '.[dev,neurobench,live]'
 	touch $(STAMP)
 
 DEMO := runs/demo

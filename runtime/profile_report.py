@@ -13,7 +13,8 @@ from tmkt.runtime.profiler import NeuronLayer, Profile, SynapticLayer
 
 FORMAT = "tmkt-profile/1"
 
-__all__ = ["FORMAT", "energy_table", "format_energy", "layer_table", "plot_profile", "profile_dict", "write_json"]
+__all__ = ["FORMAT", "energy_table", "format_energy", "layer_table", "neurobench_table", "plot_profile", "profile_dict",
+           "write_json"]
 
 
 def format_energy(pj: float | None) -> str:
@@ -196,3 +197,18 @@ def plot_profile(p: Profile, estimates: list[EnergyEstimate], path: str | Path) 
         axes[1].legend(fontsize="small", ncols=min(3, len(estimates)))
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(str(path), format="png", dpi=100)
+
+
+def neurobench_table(rows, title: str = "NeuroBench 2.3 harness beside tmkt's profiler (per inference)"):
+    """rich Table of `tmkt.runtime.neurobench.compare` rows: metric, NeuroBench, tmkt, agree?, why."""
+    from rich.table import Table
+
+    def cell(v):
+        return "n/a" if v is None else (f"{v:.6g}" if isinstance(v, float) else str(v))
+
+    t = Table(title=title)
+    for col in ("metric", "NeuroBench", "tmkt", "equal", "note"):
+        t.add_column(col, justify="right" if col in ("NeuroBench", "tmkt") else "left", overflow="fold")
+    for r in rows:
+        t.add_row(r.metric, cell(r.neurobench), cell(r.tmkt), {True: "yes", False: "NO", None: "-"}[r.equal], r.note)
+    return t

@@ -64,6 +64,36 @@ def _dataset_frames(run, name: str, data_root: Optional[Path], cache_dir: Option
     return frames, labels
 
 
+def _neurobench(run, graph, x, labels, prof, batches, batch_size: int, console) -> dict:
+    """NeuroBench's harness on the same samples, its table printed; the JSON's `neurobench` section."""
+    from importlib.metadata import version
+
+    from tmkt.runtime.neurobench import NOT_MEASURED, NeuroBenchError, compare, run_neurobench
+    from tmkt.runtime.profile_report import neurobench_table
+    from tmkt.runtime.profiler import profile_batches
+
+    try:
+        with console.status("running NeuroBench's harness"):
+            nb = run_neurobench(run.model, x, labels, batch_size=batch_size)
+            # NeuroBench counts pooled spikes as MACs: tmkt's "mac" mode is the like-for-like profile
+            mac = prof if prof.pooled_inputs == "mac" else profile_batches(graph, batches(), pooled_inputs="mac")
+            fold = prof if prof.pooled_inputs == "fold" else profile_batches(graph, batches(), pooled_inputs="fold")
+    except NeuroBenchError as e:
+        fail(str(e))
+    rows = compare(nb, mac, fold, graph, run.model)
+    console.print(neurobench_table(rows))
+    differ = [r.metric for r in rows if r.equal is False]
+    if differ:
+        console.print(f"NeuroBench and tmkt disagree on: {', '.join(differ)}", markup=False, highlight=False)
+    return {
+        "version": version("neurobench"),
+        "results": nb,
+        "not_measured": dict(NOT_MEASURED),
+        "tmkt_mac_totals": mac.totals(),
+        "comparison": [r.to_dict() for r in rows],
+    }
+
+
 def profile(
     run_dir: Path = typer.Argument(..., help="Run directory (model.safetensors + config.json)."),
     dataset: Optional[str] = typer.Option(None, "--dataset", help="Data set to draw test samples from (default: the run's)."),
@@ -86,6 +116,12 @@ def profile(
     ),
     json_out: Optional[Path] = typer.Option(None, "--json", help="Write the profile as JSON (keys: docs/hw-profiles.md)."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write a PNG of firing rates and energy shares."),
+    neurobench: bool = typer.Option(
+        False,
+        "--neurobench",
+        help="Also run NeuroBench 2.3's harness (pip install 'tmkt[neurobench]') on the same samples and report its "
+        "metrics beside tmkt's (docs/hw-profiles.md).",
+    ),
 ) -> None:
     """Spikes, firing rates, activation sparsity and synaptic operations per layer on real samples,
     and with --energy the energy per inference on each hardware profile beside a dense ANN."""
@@ -147,6 +183,7 @@ def profile(
         except GraphError as e:
             fail(str(e))
     estimates = [estimate_energy(prof, p) for p in profiles]
+    nb_doc = _neurobench(run, graph, x, labels, prof, batches, batch_size, console) if neurobench else None
 
     console.print(layer_table(prof, title=f"{run_dir} — {prof.samples} samples, T={prof.timesteps}, per inference"))
     if prof.accuracy is not None:
@@ -164,6 +201,8 @@ def profile(
         console.print("\n".join(notes), markup=False, highlight=False)
     meta = {"run": str(run_dir), **source, "backbone": graph.meta.get("backbone"), "method": graph.meta.get("method")}
     doc = profile_dict(prof, estimates, meta)
+    if nb_doc is not None:
+        doc["neurobench"] = nb_doc
     try:
         if json_out is not None:
             write_json(json_out, doc)
