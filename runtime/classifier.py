@@ -224,6 +224,22 @@ class EventClassifier:
         lo = self.logits(frames[:, None])[:, 0]
         return self._prediction(lo.mean(0), t0, np.asarray(events))
 
+    def classify_window(
+        self, events: np.ndarray, state: dict[str, np.ndarray], frames_per_chunk: int | None = None
+    ) -> tuple[Prediction, dict[str, np.ndarray]]:
+        """One window of a live stream on a stream-mode model: bin `events` into `frames_per_chunk`
+        (default T) frames, step them from `state` (`zero_state(1)` at the start) and return the
+        prediction and the state to carry on. `stream(..., carry_state=True)` in one call."""
+        if self.mode != "stream":
+            raise InferenceError(f"{self.path}: live windows need a stream-mode model (tmkt export --mode stream)")
+        t0 = time.perf_counter()
+        events = np.asarray(events)
+        steps = []
+        for f in self.frames(events, int(frames_per_chunk or self.timesteps)):
+            out, state = self.step(f[None], state)
+            steps.append(out[0])
+        return self._prediction(np.stack(steps).mean(0), t0, events), state
+
     def stream(
         self, chunks: Iterable[np.ndarray], *, carry_state: bool = True, frames_per_chunk: int | None = None
     ) -> Iterator[Prediction]:

@@ -28,7 +28,9 @@ def _event_files(paths: list[Path]) -> list[Path]:
 
 def infer(
     model: Path = typer.Argument(..., help="ONNX model written by `tmkt export` (unrolled or stream)."),
-    events: list[Path] = typer.Argument(..., help="Event files (.bin .aedat4 .npy .npz .h5 .raw .dat) or folders."),
+    events: Optional[list[Path]] = typer.Argument(
+        None, help="Event files (.bin .aedat4 .npy .npz .h5 .raw .dat) or folders (none with --live/--follow/--camera)."
+    ),
     window_ms: Optional[float] = typer.Option(
         None,
         "--window-ms",
@@ -42,9 +44,28 @@ def infer(
         "default for one) or 'reset' classifies each window on its own (the default for unrolled models).",
     ),
     provider: str = typer.Option("auto", "--provider", help="auto (CUDA if usable, else CPU) | cuda | cpu."),
-    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print JSON instead of a table (live: one JSON object per line, then the summary)."
+    ),
+    live: Optional[str] = typer.Option(
+        None, "--live", help="Classify a DV network stream as it arrives: tcp://HOST:PORT (iniVation DV, dv-processing)."
+    ),
+    follow: Optional[Path] = typer.Option(
+        None, "--follow", help="Classify a file still being written, like tail -f: Prophesee .raw (EVT2/3) or t,x,y,p .csv/.txt."
+    ),
+    camera: bool = typer.Option(False, "--camera", help="Classify an attached iniVation camera (dv-processing; untested here)."),
+    camera_serial: Optional[str] = typer.Option(None, "--camera-serial", help="With --camera: the camera's serial number."),
+    idle_timeout: Optional[float] = typer.Option(
+        None, "--idle-timeout", min=0, help="With --follow: stop when the file has not grown for this many seconds."
+    ),
+    connect_timeout: float = typer.Option(5.0, "--connect-timeout", min=0.1, help="With --live: seconds to wait for the stream."),
+    max_backlog: int = typer.Option(
+        8, "--max-backlog", min=1, help="Live: drop (and report) the oldest windows when more than this many wait."
+    ),
 ) -> None:
-    """Predict the class of each recording (or each window) with onnxruntime, with latency."""
+    """Predict the class of each recording (or each window) with onnxruntime, with latency; or of each
+    window of a live stream (--live, --follow, --camera) with the stream model's state carried on.
+    Ctrl-C ends a live run with its summary."""
     import json
     import warnings as py_warnings
 
@@ -62,6 +83,23 @@ def infer(
         raise typer.BadParameter("--state applies with --window-ms only", param_hint="--state")
     if not model.is_file():
         fail(f"{model}: no such model file")
+    sources = [name for name, on in (("--live", live is not None), ("--follow", follow is not None), ("--camera", camera)) if on]
+    if len(sources) > 1:
+        raise typer.BadParameter(f"give one live source, not {' and '.join(sources)}", param_hint=sources[1])
+    if sources:
+        if events:
+            raise typer.BadParameter(f"{sources[0]} takes no event files", param_hint="EVENTS")
+        if state == "reset":
+            raise typer.BadParameter("live streams carry the state from window to window", param_hint="--state")
+        from tmkt.commands.live import run_live_command
+
+        run_live_command(model, provider, window_ms, as_json, live=live, follow=follow, camera=camera,
+                         camera_serial=camera_serial, idle_timeout=idle_timeout, connect_timeout=connect_timeout,
+                         max_backlog=max_backlog)
+        return
+    if not events:
+        raise typer.BadParameter("give event files or folders, or a live source (--live, --follow, --camera)",
+                                 param_hint="EVENTS")
     files = _event_files(events)
     try:
         clf = EventClassifier(model, provider=provider)
