@@ -43,7 +43,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from tmkt.models import ModelConfig, NeuronConfig, build_model  # noqa: E402
 from tmkt.train.config import config_from_dict  # noqa: E402
 from tmkt.train.method import MethodConfig, build_method  # noqa: E402
-from tmkt.train.trainer import Objective, make_optimizer, train_step  # noqa: E402
+from tmkt.train.step import Objective, make_optimizer, train_step  # noqa: E402
 
 VARIANTS = (
     "loop-fp32", "loop-bf16", "loop-bf16-compile", "sj-ce-fp32", "sj-ce-bf16",

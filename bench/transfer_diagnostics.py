@@ -195,7 +195,7 @@ def mix_ratio_table(timesteps: int, draws: int = 200_000, seed: int = 0) -> str:
         "",
         f"EKT over a whole run: each sequence is all-static or all-event; share of event sequences "
         f"E[progress^3] = {float(p_replace.mean()):.3f} (0 at the start, {0.5 ** 3:.3f} at mid-run, 1 at the end).",
-        f"Switch probability p per step for r = 0.1 / 0.5 / 0.9: "
+        "Switch probability p per step for r = 0.1 / 0.5 / 0.9: "
         + " / ".join(f"{float(solve_switch_prob(torch.tensor([r], dtype=torch.float64), timesteps)[0]):.4f}" for r in (0.1, 0.5, 0.9)),
         "",
     ]

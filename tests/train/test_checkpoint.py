@@ -7,7 +7,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from tmkt.checkpoint import CheckpointError, load_run
-from tmkt.train import trainer
+from tmkt.train import resume, setup, trainer
 from tmkt.train.config import config_from_dict
 
 OPTIONS = {"image_size": 16, "time_resolution_us": 10000}
@@ -92,10 +92,10 @@ def test_checkpoint_holds_everything_to_rebuild(run_dir):
 def test_resume_state_is_pickle_free_and_checked(run_dir, tmp_path):
     from safetensors import safe_open
 
-    tensors, state = trainer.load_resume_state(run_dir)
+    tensors, state = resume.load_resume_state(run_dir)
     from tmkt.data.registry import build_data
 
-    cfg = trainer.resume_config(run_dir)
+    cfg = setup.resume_config(run_dir)
     n_train = len(build_data("digits", timesteps=3, input_size=(16, 16), event_fraction=0.3, cache_dir=cfg.cache_dir, options=OPTIONS).train)
     assert state["epoch"] == 1 and state["step_in_epoch"] == 0 and state["global_step"] == -(-n_train // 8)
     assert any(k.startswith("optim.") for k in tensors) and "method.eta" in tensors
@@ -106,10 +106,10 @@ def test_resume_state_is_pickle_free_and_checked(run_dir, tmp_path):
     doc.pop("global_step")
     save_file(tensors, str(path / "resume.safetensors"), metadata={**meta, "state": json.dumps(doc)})
     with pytest.raises(CheckpointError, match=r"state\.global_step"):
-        trainer.load_resume_state(path)
+        resume.load_resume_state(path)
     (path / "resume.safetensors").unlink()
     with pytest.raises(CheckpointError, match="resume.safetensors"):
-        trainer.load_resume_state(path)
+        resume.load_resume_state(path)
 
 
 def test_atomic_writes_get_the_umask_mode_not_owner_only(tmp_path):

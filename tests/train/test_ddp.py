@@ -12,7 +12,7 @@ from safetensors.torch import load_file
 
 from tmkt.checkpoint import load_run
 from tmkt.data.registry import build_data
-from tmkt.train.trainer import load_resume_state
+from tmkt.train.resume import load_resume_state
 
 OPTIONS = {"image_size": 16, "time_resolution_us": 10000}
 

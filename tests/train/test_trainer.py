@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 from torch import nn
 
-from tmkt.train import trainer
+from tmkt.train import resume, setup, step, trainer
 from tmkt.train.config import PRESETS, ConfigError, TrainConfig, build_config, config_from_dict
 from tmkt.train.evaluate import evaluate
 
@@ -46,14 +46,14 @@ def quiet():
 
 def test_lr_schedule_warmup_then_cosine():
     total, warm, peak, floor = 100, 10, 1e-3, 1e-5
-    lrs = [trainer.lr_at(s, total, warm, peak, floor) for s in range(total)]
+    lrs = [step.lr_at(s, total, warm, peak, floor) for s in range(total)]
     assert lrs[:10] == pytest.approx([peak * (s + 1) / 10 for s in range(10)])
     assert lrs[10] == pytest.approx(peak)
     # cosine half-way through the decay: floor + (peak - floor) / 2
-    assert trainer.lr_at(55, total, warm, peak, floor) == pytest.approx(floor + (peak - floor) / 2)
+    assert step.lr_at(55, total, warm, peak, floor) == pytest.approx(floor + (peak - floor) / 2)
     assert lrs[-1] == pytest.approx(floor + (peak - floor) * 0.5 * (1 + math.cos(math.pi * 89 / 90)))
     assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
-    assert trainer.lr_at(0, 10, 0, peak, floor) == pytest.approx(peak)
+    assert step.lr_at(0, 10, 0, peak, floor) == pytest.approx(peak)
 
 
 # ------------------------------------------------------------------ config
@@ -202,11 +202,11 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, cache, monkeypatch
         trainer.train(tiny_config(tmp_path / "b", cache), console=quiet())
     assert (info.value.epoch, info.value.step, info.value.exit_code) == (1, 2, 130)
     assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
-    _, state = trainer.load_resume_state(tmp_path / "b")
+    _, state = resume.load_resume_state(tmp_path / "b")
     assert (state["epoch"], state["step_in_epoch"], state["global_step"]) == (1, 2, math.ceil(n_train[0] / 8) + 2)
 
     monkeypatch.setattr(registry, "build_data", real_build)
-    cfg = trainer.resume_config(tmp_path / "b")
+    cfg = setup.resume_config(tmp_path / "b")
     resumed = trainer.train(cfg, console=quiet(), resume=tmp_path / "b")
 
     for name in ("last.safetensors", "model.safetensors"):
@@ -228,8 +228,8 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, cache, monkeypatch
 def test_resume_refuses_changed_settings(tmp_path, cache):
     trainer.train(tiny_config(tmp_path / "r", cache, epochs=1), console=quiet())
     with pytest.raises(trainer.TrainingError, match="lr"):
-        trainer.resume_config(tmp_path / "r", {"lr": 1.0})
-    assert trainer.resume_config(tmp_path / "r", {"num_workers": 0}).epochs == 1
+        setup.resume_config(tmp_path / "r", {"lr": 1.0})
+    assert setup.resume_config(tmp_path / "r", {"num_workers": 0}).epochs == 1
 
 
 def test_event_only_method_trains_without_static_requirement(tmp_path, cache):
@@ -271,13 +271,13 @@ def test_loader_workers_default_by_device(monkeypatch):
     from tmkt.train.distributed import DistInfo
 
     one = DistInfo()
-    assert trainer.loader_workers(3, torch.device("cuda"), one) == 3  # asked for: kept
-    assert trainer.loader_workers(0, torch.device("cuda"), one) == 0
-    assert trainer.loader_workers(None, torch.device("cpu"), one) == 0  # CPU: in-process
+    assert setup.loader_workers(3, torch.device("cuda"), one) == 3  # asked for: kept
+    assert setup.loader_workers(0, torch.device("cuda"), one) == 0
+    assert setup.loader_workers(None, torch.device("cpu"), one) == 0  # CPU: in-process
     monkeypatch.setattr(os, "cpu_count", lambda: 16)
-    assert trainer.loader_workers(None, torch.device("cuda"), one) == 4
+    assert setup.loader_workers(None, torch.device("cuda"), one) == 4
     monkeypatch.setattr(os, "cpu_count", lambda: 2)
-    assert trainer.loader_workers(None, torch.device("cuda"), one) == 1  # one core left to the main process
+    assert setup.loader_workers(None, torch.device("cuda"), one) == 1  # one core left to the main process
     assert config_from_dict({"num_workers": None}).num_workers is None
     with pytest.raises(ConfigError, match="num_workers"):
         config_from_dict({"num_workers": -1})

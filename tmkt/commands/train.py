@@ -110,7 +110,9 @@ def train_command(
 
     from tmkt.errors import TmktError
     from tmkt.train.config import build_config
-    from tmkt.train.trainer import TrainingError, TrainingInterrupted, resume_config, train
+    from tmkt.train.errors import TrainingError, TrainingInterrupted
+    from tmkt.train.setup import resume_config
+    from tmkt.train.trainer import train
 
     flags = {
         "dataset": dataset, "data_root": data_root, "static_root": static_root, "event_fraction": event_fraction,
@@ -181,7 +183,7 @@ def eval_command(
     if run.suffix.lower() in NETX_SUFFIXES and run.is_file():  # `tmkt export --target lava` writes model.netx.h5
         _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size), as_json)
         return
-    from tmkt.train.trainer import resolve_device
+    from tmkt.train.setup import resolve_device
 
     try:
         dev = resolve_device(device)

@@ -1,0 +1,260 @@
+"""Stage 1 of a training run: run directory, data, network, method loss, optimizer and the resume
+state, gathered in one `TrainingRun` that the epoch and test stages (`tmkt.train.trainer`) carry on."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from dataclasses import dataclass, field, fields
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+from tmkt.checkpoint import CONFIG_NAME, CheckpointError
+from tmkt.models import ModelConfig, build_model
+from tmkt.train import distributed as dist_utils
+from tmkt.train.config import TrainConfig, config_from_dict
+from tmkt.train.errors import TrainingDataError, TrainingError
+from tmkt.train.metrics import METRICS_NAME, tensorboard, truncate_metrics
+from tmkt.train.resume import RESUME_MUTABLE, RESUME_NAME, load_resume_state, restore_training_state
+from tmkt.train.step import Objective, make_optimizer
+
+LAST_NAME = "last.safetensors"
+BEST_NAME = "model.safetensors"
+
+
+def resolve_device(name: str) -> torch.device:
+    """`auto` -> CUDA when available, else CPU; `cuda` without a GPU is an error."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingError("device 'cuda' requested but torch sees no CUDA device (use --device cpu)")
+    return torch.device(name)
+
+
+def default_run_dir(method: str, root: str | Path = "runs") -> Path:
+    """`runs/<YYYYmmdd-HHMMSS>-<method>`, with a numeric suffix if that already exists."""
+    stamp = datetime.now().strftime("%Y%m%d-%H%M%S")
+    path = Path(root) / f"{stamp}-{method}"
+    n = 1
+    while path.exists():
+        n += 1
+        path = Path(root) / f"{stamp}-{method}-{n}"
+    return path
+
+
+def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) -> TrainConfig:
+    """The stored settings of a run, with only `RESUME_MUTABLE` keys changeable by `overrides`."""
+    _, state = load_resume_state(run_dir)
+    try:
+        cfg = config_from_dict(state["config"])
+    except ValueError as e:
+        raise CheckpointError(f"{Path(run_dir) / RESUME_NAME}: field 'state.config': {e}") from None
+    changes = {k: v for k, v in (overrides or {}).items() if v is not None}
+    fixed = sorted(k for k in changes if k not in RESUME_MUTABLE)
+    if fixed:
+        raise TrainingError(
+            f"--resume continues the run with its own settings; {', '.join(fixed)} cannot change "
+            f"(only {', '.join(RESUME_MUTABLE)} may)"
+        )
+    return config_from_dict(changes, cfg)
+
+
+def loader_workers(requested: int | None, device: torch.device, info: dist_utils.DistInfo) -> int:
+    """DataLoader workers: as requested, else 0 on CPU (in-process, the CPU is busy training) and
+    on CUDA up to 4 per process, as many as the cores allow (a batch of 120 paired samples takes
+    tens of ms to load and collate in the main process, about a GPU step)."""
+    if requested is not None:
+        return requested
+    if device.type != "cuda":
+        return 0
+    per_process = (os.cpu_count() or 1) // max(1, torch.cuda.device_count() if info.enabled else 1)
+    return max(0, min(4, per_process - 1))
+
+
+@dataclass(eq=False)
+class TrainingRun:
+    """What set-up builds and every epoch carries on, for one training process."""
+
+    cfg: TrainConfig
+    device: torch.device
+    info: dist_utils.DistInfo
+    console: Any
+    say: Callable[..., None]
+    run_dir: Path
+    bundle: Any  # tmkt.data.spec.DataBundle
+    model: nn.Module
+    method: nn.Module
+    objective: nn.Module  # model + method, DDP-wrapped under torchrun
+    optimizer: torch.optim.Optimizer
+    per_rank_batch: int
+    steps_per_epoch: int
+    workers: int
+    generator: torch.Generator = field(default_factory=torch.Generator)
+    record: dict[str, Any] = field(default_factory=dict)  # what config.json holds
+    tb: Any = None  # TensorBoard writer (rank 0, when tensorboard imports)
+    resumed: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None  # resume file: tensors, state
+    start_epoch: int = 0
+    start_step: int = 0
+    global_step: int = 0
+    best: dict[str, Any] = field(default_factory=lambda: {"val_accuracy": None, "epoch": None})
+    best_state: dict[str, torch.Tensor] | None = None  # weights of the best validation epoch
+    metrics_lines: int = 0
+    compiling: bool = False  # until the first step of this process has compiled
+
+    @property
+    def class_names(self) -> list[str]:
+        return list(self.bundle.spec.class_names)
+
+    @property
+    def total_steps(self) -> int:
+        return self.cfg.epochs * self.steps_per_epoch
+
+    @property
+    def warmup_steps(self) -> int:
+        return int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
+
+
+def _checked_resume(resume: str | Path, cfg: TrainConfig, info: dist_utils.DistInfo):
+    """The resume file of run `resume`, refused when `cfg` or the process count differ from it."""
+    tensors, state = load_resume_state(resume)
+    stored = config_from_dict(state["config"]).resolved()
+    diff = [f.name for f in fields(TrainConfig) if f.name not in RESUME_MUTABLE and getattr(stored, f.name) != getattr(cfg, f.name)]
+    if diff:
+        raise TrainingError(f"{resume}: settings differ from the stored run: {', '.join(diff)}")
+    if state["world_size"] != info.world_size:
+        raise TrainingError(
+            f"{resume}: the run used {state['world_size']} processes; resume it with the same number "
+            f"(this one has {info.world_size}) so that every rank sees the same samples"
+        )
+    return tensors, state
+
+
+def _new_run_dir(cfg: TrainConfig, info: dist_utils.DistInfo, device: torch.device, overwrite: bool) -> Path:
+    run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method.name)
+    run_dir = Path(dist_utils.broadcast_text(str(run_dir), info, device))
+    if not overwrite and (run_dir / CONFIG_NAME).exists():
+        raise TrainingError(
+            f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
+            "choose another --out, or pass --overwrite"
+        )
+    return run_dir
+
+
+def _build_data(cfg: TrainConfig):
+    from tmkt.data.registry import build_data
+
+    try:
+        return build_data(
+            cfg.dataset,
+            timesteps=cfg.timesteps,
+            input_size=cfg.input_size,
+            data_root=cfg.data_root,
+            static_root=cfg.static_root,
+            event_fraction=cfg.event_fraction,
+            seed=cfg.seed,
+            cache_dir=cfg.cache_dir,
+            options=dict(cfg.data_options) or None,
+        )
+    except ValueError as e:  # the data package reports a bad name, option or folder as ValueError
+        raise TrainingDataError(str(e)) from e
+
+
+def _build_network(cfg: TrainConfig, bundle, device: torch.device) -> tuple[nn.Module, nn.Module]:
+    """The network (initial weights from the seed alone) and the method loss, on `device`."""
+    from tmkt.train.method import build_method
+
+    torch.manual_seed(cfg.seed)
+    model_cfg = ModelConfig(
+        backbone=cfg.backbone, num_classes=len(bundle.spec.class_names), input_size=tuple(bundle.spec.input_size),
+        width=cfg.width, neuron=cfg.neuron,
+    )
+    model = build_model(model_cfg).to(device)
+    method = build_method(cfg.method, cfg.timesteps).to(device)
+    if device.type == "cuda" and cfg.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if method.needs_static_images and not bundle.has_static:
+        raise TrainingError(
+            f"method {cfg.method.name!r} transfers from static images but {cfg.dataset!r} has none here "
+            "(give --static-root, or use --method dvs)"
+        )
+    return model, method
+
+
+def _objective(model: nn.Module, method: nn.Module, device: torch.device, info: dist_utils.DistInfo) -> nn.Module:
+    objective: nn.Module = Objective(model, method)
+    if info.enabled:
+        from torch.nn.parallel import DistributedDataParallel
+
+        objective = DistributedDataParallel(
+            objective,
+            device_ids=[device.index] if device.type == "cuda" else None,
+            find_unused_parameters=method.unused_parameters_possible,
+        )
+    return objective
+
+
+def set_up(cfg: TrainConfig, device: torch.device, info: dist_utils.DistInfo, console, say,
+            resume: str | Path | None, overwrite: bool) -> TrainingRun:
+    """Stage 1: run directory, data, network, method loss, optimizer; the resume state if any."""
+    if cfg.batch_size % info.world_size:
+        raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {info.world_size} processes")
+    per_rank_batch = cfg.batch_size // info.world_size
+    resumed = _checked_resume(resume, cfg, info) if resume is not None else None
+    run_dir = Path(resume) if resume is not None else _new_run_dir(cfg, info, device, overwrite)
+    bundle = _build_data(cfg)
+    model, method = _build_network(cfg, bundle, device)
+    params = [p for p in model.parameters() if p.requires_grad] + [p for p in method.parameters() if p.requires_grad]
+    optimizer = make_optimizer(params, cfg, device)
+    if cfg.compile:
+        method.compile_core()  # both streams' forward and every loss as one graph (compiled on first step)
+    steps_per_epoch = math.ceil(math.ceil(len(bundle.train) / info.world_size) / per_rank_batch)
+    run = TrainingRun(
+        cfg=cfg, device=device, info=info, console=console, say=say, run_dir=run_dir, bundle=bundle, model=model,
+        method=method, objective=_objective(model, method, device, info), optimizer=optimizer,
+        per_rank_batch=per_rank_batch, steps_per_epoch=steps_per_epoch,
+        workers=loader_workers(cfg.num_workers, device, info), resumed=resumed, compiling=cfg.compile,
+    )
+    if resumed is not None:
+        _continue_from(run, *resumed)
+    run.record = {
+        "data": bundle.spec.to_dict(),
+        "method": cfg.method.to_dict(),
+        "train": {**cfg.to_dict(), "world_size": info.world_size, "device_type": device.type},
+        "metrics": {},
+    }
+    if run.best["epoch"] is not None and (run_dir / BEST_NAME).exists():
+        run.best_state = load_file(str(run_dir / BEST_NAME))
+    run.tb = tensorboard(run_dir) if info.is_main else None
+    _announce(run)
+    return run
+
+
+def _continue_from(run: TrainingRun, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    restore_training_state(tensors, state, run.model, run.method, run.optimizer, run.device)
+    run.start_epoch, run.start_step = state["epoch"], state["step_in_epoch"]
+    run.global_step, run.best, run.metrics_lines = state["global_step"], state["best"], state["metrics_lines"]
+    if run.info.is_main:
+        truncate_metrics(run.run_dir / METRICS_NAME, state["metrics_lines"])
+    run.say(f"[bold]resuming[/] {run.run_dir} at epoch {run.start_epoch + 1}, step {run.start_step}")
+
+
+def _announce(run: TrainingRun) -> None:
+    cfg, info, bundle = run.cfg, run.info, run.bundle
+    if not info.is_main:
+        return
+    run.run_dir.mkdir(parents=True, exist_ok=True)
+    run.say(
+        f"[bold]tmkt train[/] {cfg.method.name} on {cfg.dataset}: {len(bundle.train)} train / {len(bundle.val)} val / "
+        f"{len(bundle.test)} test, T={cfg.timesteps}, {tuple(bundle.spec.input_size)}, {cfg.backbone}, "
+        f"{cfg.epochs} epochs x {run.steps_per_epoch} steps, batch {cfg.batch_size}, lr {cfg.lr:g}, "
+        f"{run.device}{f' x {info.world_size}' if info.enabled else ''}"
+    )
+    run.say(f"run directory: {run.run_dir}")
+    if cfg.compile:
+        run.say("--compile: the first step compiles the training step (minutes; later steps are faster)")
