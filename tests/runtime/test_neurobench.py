@@ -11,7 +11,14 @@ pytest.importorskip("neurobench")
 
 from tmkt.export.graph import lower  # noqa: E402
 from tmkt.models import ModelConfig, build_model, randomize_batchnorm  # noqa: E402
-from tmkt.runtime.neurobench import NOT_MEASURED, EventHeadNet, compare, deploy_parameters, run_neurobench  # noqa: E402
+from tmkt.runtime.neurobench import (  # noqa: E402
+    NOT_MEASURED,
+    EventHeadNet,
+    compare,
+    deploy_parameters,
+    fold_batchnorm,
+    run_neurobench,
+)
 from tmkt.runtime.profiler import profile_graph  # noqa: E402
 
 SIZE = (16, 16)
@@ -65,15 +72,41 @@ def test_neurobench_equals_tmkt_mac_profile(backbone, binary):
     assert nb["ParameterCount"] == sum(p.numel() for p in net.parameters())
     assert nb["Footprint"] == sum(t.numel() * t.element_size() for t in [*net.parameters(), *net.buffers()])
     assert nb["ConnectionSparsity"] == 0.0
-    rows = {r.metric: r for r in compare(nb, mac, fold, g, model)}
+    nbf = run_neurobench(model, frames, labels, batch_size=3, batchnorm_folded=True)
+    rows = {r.metric: r for r in compare(nb, mac, fold, g, model, nbf)}
     for name in ("ActivationSparsity", "SynapticOperations.Dense", "SynapticOperations.Effective_MACs",
                  "SynapticOperations.Effective_ACs", "ClassificationAccuracy"):
         assert rows[name].equal is True, rows[name]
-    assert rows["ParameterCount"].tmkt == deploy_parameters(g) < nb["ParameterCount"]
+        assert rows[f"{name} [BN folded]"].equal is True, rows[f"{name} [BN folded]"]
+    assert rows["ParameterCount"].tmkt == deploy_parameters(g) == nbf["ParameterCount"] < nb["ParameterCount"]
     assert set(NOT_MEASURED) <= set(rows) and rows["MembraneUpdates"].neurobench is None
     # fold mode is another definition, reported with both figures
     f = fold.totals()["synaptic_operations"]
-    assert f"{f['Effective_ACs']:.6g} ACs" in rows["SynapticOperations (tmkt fold) ACs / MACs"].note
+    assert f"{f['Effective_ACs']:.6g} ACs" in rows["SynapticOperations (tmkt fold) ACs + MACs"].note
+
+
+def test_fold_batchnorm_keeps_the_network():
+    model = _net("resnet18", 0.125)
+    x = torch.from_numpy(_samples(False, n=2)[0]).transpose(0, 1).contiguous()
+    with torch.no_grad():
+        ref = model(x)["logits"]
+        got = fold_batchnorm(model)(x)["logits"]
+    torch.testing.assert_close(got, ref, atol=1e-4, rtol=1e-4)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in fold_batchnorm(model).modules())
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())  # a copy: the model is untouched
+
+
+def test_compare_counts_the_spikes_a_trained_network_moves():
+    """The trained network firing k spikes more than the deploy graph: the rows say so, with k."""
+    model = _net("small")
+    frames, labels = _samples(False)
+    nb = run_neurobench(model, frames, labels)
+    g, mac, fold = _profiles(model, frames, labels)
+    total = sum(n.neurons for n in mac.neuron) * mac.timesteps * mac.samples
+    moved = dict(nb, ActivationSparsity=nb["ActivationSparsity"] - 3 / total)  # as if 3 more spikes
+    rows = {r.metric: r for r in compare(moved, mac, fold, g, model, nb)}
+    assert rows["ActivationSparsity"].equal is False and "+3 spikes" in rows["ActivationSparsity"].note
+    assert rows["ActivationSparsity [BN folded]"].equal is True
 
 
 def test_neurobench_really_cannot_see_spikingjelly_membranes():
@@ -117,6 +150,7 @@ def test_cli_profile_neurobench(tmp_path):
     nb = doc["neurobench"]
     assert nb["version"] == "2.3.0"
     assert nb["results"]["SynapticOperations"]["Dense"] == doc["totals"]["synaptic_operations"]["Dense"]
-    assert [r["equal"] for r in nb["comparison"] if r["equal"] is not None] == [True] * 5
+    assert [r["equal"] for r in nb["comparison"] if r["metric"].endswith("[BN folded]")] == [True] * 5
+    assert nb["results_batchnorm_folded"]["ParameterCount"] < nb["results"]["ParameterCount"]
     assert nb["tmkt_mac_totals"]["synaptic_operations"]["Effective_MACs"] == pytest.approx(
         nb["results"]["SynapticOperations"]["Effective_MACs"])
