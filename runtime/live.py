@@ -228,10 +228,19 @@ def run_live(
     pending: list[_Window] = []
     failure: LiveError | None = None
 
+    sensor_w, sensor_h = clf.spec.sensor_size[0], clf.spec.sensor_size[1]
+    shifts = bool(clf.spec.binning.get("shift_to_origin", False))
+
+    def outside(events: np.ndarray) -> int:
+        # the common case first: two max() calls instead of a full count over the window
+        if not len(events) or (not shifts and int(events["x"].max()) < sensor_w and int(events["y"].max()) < sensor_h):
+            return 0
+        return events_outside_sensor(events, clf.spec)
+
     def classify(w: _Window) -> None:
         nonlocal state
         events = np.concatenate(w.events) if w.events else np.empty(0, EVENT_DTYPE)
-        summary.outside_sensor += events_outside_sensor(events, clf.spec)
+        summary.outside_sensor += outside(events)
         pred, state = clf.classify_window(events, state, frames_per_chunk)
         now = time.perf_counter()
         t0, t1 = win.bounds(w.index)

@@ -224,7 +224,8 @@ def compare(nb: dict[str, Any], profile_mac, profile_fold, graph, model: nn.Modu
                          "see the [BN folded] row")
 
         def row(metric, nbv, tv, note, offset=0.0, rel=1e-9):
-            rows.append(Row(metric + tag, nbv, tv, _same(nbv + offset, tv, rel), note + drift))
+            same = _same(nbv + offset, tv, rel)
+            rows.append(Row(metric + tag, nbv, tv, same, note + ("" if same else drift)))
 
         row("ActivationSparsity", float(res["ActivationSparsity"]), tm["activation_sparsity"],
             "zeros over all LIF outputs, all steps and samples (NeuroBench: batch-weighted mean of per-batch ratios)")

@@ -1,0 +1,189 @@
+"""Live-stream latency at the DAVIS346 peak rate (12 Mev/s), small model, one core.
+
+Run: python bench/live.py [--seconds 3] [--window-ms 50] [--source both|paced|dv]
+
+The built-in small model (32x32, T=8, 10 classes; random weights, random BN statistics: timing
+does not depend on training) is exported as the single-step stream model and run by
+`tmkt.runtime.live.run_live` (onnxruntime on the CPU with one thread; this process pinned to one
+core) on a DAVIS346 (346x260) stream of uniformly random events at 12 Mev/s, in 1 ms packets:
+
+- `paced`: packets handed over in-process at real time (the source alone, no transport);
+- `dv`: a dv-processing NetworkWriter in another process (pinned to another core where there is
+  one) serves the packets on 127.0.0.1 at real time; tmkt reads them with NetworkReader, as from
+  DV or a camera. The writer builds its stream first (dv-processing's push_back, ~1.6 Mev/s), so
+  the dv run is shorter by default.
+
+Reported per source: windows classified and dropped (the backlog limit is 8 windows), events
+classified, events received of those sent (the rest were lost in transport), the sustained rate (events classified / wall time of the run) against 12 Mev/s,
+and latency p50/p99 from the arrival of a window's last event to its prediction. A run that
+falls behind drops windows and says so; figures are from one run on one machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from infer import DAVIS346, DAVIS_PEAK_EV_S, build  # noqa: E402
+
+PACKET_US = 1000
+
+WRITER = r"""
+import os, sys, time
+import numpy as np
+import dv_processing as dv
+port, seconds, rate, packet_us, core = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+if core >= 0:
+    os.sched_setaffinity(0, {core})
+rng = np.random.default_rng(0)
+n = int(rate * seconds)
+t = np.sort(rng.integers(0, int(seconds * 1e6), n))
+x, y, p = rng.integers(0, 346, n), rng.integers(0, 260, n), rng.integers(0, 2, n).astype(bool)
+store = dv.EventStore()
+for a, b, c, d in zip(t.tolist(), x.tolist(), y.tolist(), p.tolist()):
+    store.push_back(a, b, c, d)
+w = dv.io.NetworkWriter("127.0.0.1", port, dv.io.Stream.EventStream(0, "events", "DAVIS346", (346, 260)))
+print("ready", flush=True)
+since = None
+while True:
+    since = (since or time.monotonic()) if w.getClientCount() else None
+    if since and time.monotonic() - since > 0.3:
+        break
+    time.sleep(0.005)
+t0 = time.monotonic()
+for k in range(int(seconds * 1e6) // packet_us):
+    delay = (k + 1) * packet_us / 1e6 - (time.monotonic() - t0)
+    if delay > 0:
+        time.sleep(delay)
+    part = store.sliceTime(k * packet_us, (k + 1) * packet_us)
+    if part.size():
+        w.writeEvents(part)
+while w.getQueuedPacketCount():
+    time.sleep(0.01)
+time.sleep(5.0)  # let a reader that fell behind drain the socket before the connection goes
+os._exit(0)
+"""
+
+
+def paced_source(seconds: float, rate: float):
+    """DAVIS346 events at `rate` ev/s in 1 ms packets, each handed over when its millisecond is past."""
+    from tmkt.data.events import EVENT_DTYPE
+    from tmkt.runtime.live import Batch, Source
+
+    per = int(rate * PACKET_US / 1e6)
+    rng = np.random.default_rng(0)
+    pool = np.empty(per * 100, EVENT_DTYPE)  # 100 ms of events, reused with shifted times
+    pool["x"], pool["y"] = rng.integers(0, DAVIS346[0], len(pool)), rng.integers(0, DAVIS346[1], len(pool))
+    pool["p"] = rng.integers(0, 2, len(pool))
+    pool["t"] = np.sort(rng.integers(0, 100 * PACKET_US, len(pool)))
+
+    def batches(stop: threading.Event):
+        t0 = time.perf_counter()
+        for k in range(int(seconds * 1e6) // PACKET_US):
+            if stop.is_set():
+                return
+            delay = (k + 1) * PACKET_US / 1e6 - (time.perf_counter() - t0)
+            if delay > 0:
+                time.sleep(delay)
+            j = k % 100
+            ev = pool[j * per : (j + 1) * per].copy()
+            ev["t"] += (k - j) * PACKET_US
+            yield Batch(ev, time.perf_counter())
+
+    return Source("paced", batches)
+
+
+def dv_source(seconds: float, rate: float, core: int):
+    from tmkt.runtime.live import dv_network_source
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    script = Path(tempfile.mkdtemp()) / "writer.py"
+    script.write_text(WRITER)
+    proc = subprocess.Popen([sys.executable, str(script), str(port), str(seconds), str(rate), str(PACKET_US), str(core)],
+                            stdout=subprocess.PIPE, text=True)
+    if proc.stdout.readline().strip() != "ready":
+        raise SystemExit("the DV writer did not start")
+    return dv_network_source("127.0.0.1", port, connect_timeout=30), proc
+
+
+def run(source, clf, window_ms: float) -> dict:
+    from tmkt.runtime.live import LiveError, run_live
+
+    compute: list[float] = []
+    try:
+        s = run_live(clf, source, int(window_ms * 1000), max_backlog=8, on_window=lambda r: compute.append(r.compute_ms))
+    except LiveError as e:  # the DV writer leaving at the end of its replay
+        s = e.summary
+    d = s.to_dict()
+    d["compute_p50_ms"] = float(np.median(compute)) if compute else None
+    d["received"] = d["events"] + d["dropped_events"]
+    d["dropped_share"] = d["dropped_windows"] / max(1, d["windows"] + d["dropped_windows"])
+    return d
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seconds", type=float, default=3.0, help="stream length of the paced source")
+    ap.add_argument("--dv-seconds", type=float, default=1.0, help="stream length of the DV network source")
+    ap.add_argument("--window-ms", type=float, default=50.0)
+    ap.add_argument("--rate", type=float, default=DAVIS_PEAK_EV_S, help="events/s (default: DAVIS346 peak, 12e6)")
+    ap.add_argument("--source", default="both", choices=["both", "paced", "dv"])
+    args = ap.parse_args()
+
+    from rich.console import Console
+    from rich.table import Table
+
+    from tmkt.export.onnx import export_onnx
+    from tmkt.runtime.classifier import EventClassifier
+
+    torch.set_num_threads(1)
+    cores = sorted(os.sched_getaffinity(0))
+    os.sched_setaffinity(0, {cores[0]})  # the classifier: reader thread + windows + onnxruntime, one core
+    writer_core = cores[1] if len(cores) > 1 else -1
+    results = []
+    with tempfile.TemporaryDirectory() as d:
+        _, graph = build("small", Path(d))
+        path = export_onnx(graph, Path(d) / "small.stream.onnx", mode="stream", verify=False).path
+        clf = EventClassifier(path, provider="cpu", threads=1)
+        clf.classify_window(np.zeros(0, dtype=[("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "u1")]), clf.zero_state(1))
+        if args.source in ("both", "paced"):
+            results.append(("in-process, real time", run(paced_source(args.seconds, args.rate), clf, args.window_ms)))
+        if args.source in ("both", "dv"):
+            src, proc = dv_source(args.dv_seconds, args.rate, writer_core)
+            try:
+                results.append(("DV NetworkWriter -> NetworkReader, 127.0.0.1", run(src, clf, args.window_ms)))
+            finally:
+                proc.kill()
+                proc.wait()
+
+    t = Table(title=f"live stream, small model (32x32, T=8), {args.window_ms:g} ms windows, "
+                    f"{args.rate / 1e6:g} Mev/s DAVIS346, one core")
+    for col in ("source", "windows", "dropped", "events", "received/sent", "Mev/s sustained", "x 12 Mev/s", "p50 ms", "p99 ms",
+                "bin+ORT p50 ms", "end"):
+        t.add_column(col, justify="left" if col in ("source", "end") else "right")
+    for name, r in results:
+        rate = r["events_per_s"] or 0.0
+        sent = int(args.rate * (args.seconds if name.startswith("in-process") else args.dv_seconds))
+        t.add_row(name, str(r["windows"]), f"{r['dropped_windows']} ({r['dropped_share']:.0%})", f"{r['events']:,}",
+                  f"{r['received'] / sent:.1%}",
+                  f"{rate / 1e6:.2f}", f"{rate / DAVIS_PEAK_EV_S:.2f}",
+                  f"{r['latency_p50_ms'] or float('nan'):.1f}", f"{r['latency_p99_ms'] or float('nan'):.1f}",
+                  f"{r['compute_p50_ms'] or float('nan'):.1f}", r["end"])
+    Console(width=160).print(t)
+
+
+if __name__ == "__main__":
+    main()
