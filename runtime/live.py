@@ -96,7 +96,9 @@ class WindowResult:
 
 @dataclass
 class LiveSummary:
-    """What a live run did. `end`: "ended" | "interrupted" | "closed" | "error"."""
+    """What a live run did. `end`: "ended" | "interrupted" | "closed" | "error".
+    `events_per_s` in `to_dict`: events classified per second from the first event's arrival to
+    the last prediction."""
 
     source: str
     window_ms: float
@@ -106,6 +108,7 @@ class LiveSummary:
     dropped_events: int = 0
     outside_sensor: int = 0
     wall_s: float = 0.0
+    active_s: float = 0.0  # first event's arrival -> last prediction (no connection wait, no idle tail)
     stream_s: float = 0.0
     end: str = "ended"
     error: str | None = None
@@ -117,7 +120,7 @@ class LiveSummary:
     def to_dict(self) -> dict[str, Any]:
         d = {k: v for k, v in asdict(self).items() if k != "latencies_ms"}
         d["latency_p50_ms"], d["latency_p99_ms"] = self.percentile(50), self.percentile(99)
-        d["events_per_s"] = self.events / self.wall_s if self.wall_s > 0 else None
+        d["events_per_s"] = self.events / self.active_s if self.active_s > 0 else None
         return d
 
 
@@ -227,6 +230,8 @@ def run_live(
     start = time.perf_counter()
     pending: list[_Window] = []
     failure: LiveError | None = None
+    first_arrival: float | None = None
+    first_batch_arrival: float | None = None
 
     sensor_w, sensor_h = clf.spec.sensor_size[0], clf.spec.sensor_size[1]
     shifts = bool(clf.spec.binning.get("shift_to_origin", False))
@@ -238,7 +243,7 @@ def run_live(
         return events_outside_sensor(events, clf.spec)
 
     def classify(w: _Window) -> None:
-        nonlocal state
+        nonlocal state, first_arrival
         events = np.concatenate(w.events) if w.events else np.empty(0, EVENT_DTYPE)
         summary.outside_sensor += outside(events)
         pred, state = clf.classify_window(events, state, frames_per_chunk)
@@ -249,6 +254,9 @@ def run_live(
         summary.windows += 1
         summary.events += len(events)
         summary.latencies_ms.append(res.latency_ms)
+        if first_arrival is None:
+            first_arrival = min(w.last_arrival, first_batch_arrival or w.last_arrival)
+        summary.active_s = now - first_arrival
         if on_window is not None:
             on_window(res)
 
@@ -271,6 +279,8 @@ def run_live(
                 elif isinstance(item, LiveError):
                     failure, ended = item, True
                 else:
+                    if first_batch_arrival is None and len(item.events):
+                        first_batch_arrival = item.arrived
                     pending += win.push(item)
             if ended:
                 pending += win.flush()

@@ -101,7 +101,7 @@ def run_live_command(
                 return "n/a" if v is None else f"{v:.2f} ms"
 
             rate = "" if not d["events_per_s"] else f" ({d['events_per_s'] / 1e6:.3g} Mev/s)"
-            typer.echo(f"# {d['end']}: {d['windows']} windows, {d['events']:,} events{rate} in {d['wall_s']:.1f} s; "
+            typer.echo(f"# {d['end']}: {d['windows']} windows, {d['events']:,} events{rate} in {d['active_s']:.1f} s; "
                        f"latency p50 {ms(d['latency_p50_ms'])}, p99 {ms(d['latency_p99_ms'])}; "
                        f"dropped {d['dropped_windows']} windows ({d['dropped_events']:,} events)"
                        + (f"; {d['outside_sensor']:,} events outside the model's sensor" if d["outside_sensor"] else ""))
