@@ -475,7 +475,7 @@ def lower_run(run: Any) -> DeployGraph:
         "timesteps": int(data["timesteps"]),
         "input_shape": [run.model.cfg.in_channels, *run.model.cfg.input_size],
         "sensor_size": list(data["sensor_size"]),
-        "binning": dict(data["binning"]),
+        "binning": {"resize": "frames", **data["binning"]},  # runs from before "resize" resized frames
         "class_names": list(data["class_names"]),
         "dataset": data["name"],
         "neuron": {"tau": n.tau, "v_threshold": n.v_threshold, "v_reset": n.v_reset},

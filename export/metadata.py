@@ -10,7 +10,7 @@ Keys (values are JSON):
     timesteps     int, frames per sample T
     input_shape   [C, H, W]
     sensor_size   [W, H, 2]
-    binning       {"by": "time"|"count", "binary": bool, "shift_to_origin": bool}
+    binning       {"by": "time"|"count", "binary": bool, "shift_to_origin": bool, "resize": "events"|"frames"}
     class_names   [str, ...]
     neuron        {"tau", "v_threshold", "v_reset"}
     plus optional keys (dataset, backbone, method, mode, states, ...) kept as they are.
@@ -93,7 +93,7 @@ def data_spec(meta: Mapping[str, Any]):
 
     Raises MetadataError when the stored binning is not one the data layer knows.
     """
-    from tmkt.data.spec import DataSpec
+    from tmkt.data.spec import LEGACY_RESIZE, DataSpec
 
     try:
         return DataSpec(
@@ -102,7 +102,7 @@ def data_spec(meta: Mapping[str, Any]):
             sensor_size=tuple(int(v) for v in meta["sensor_size"]),
             input_size=tuple(int(v) for v in meta["input_shape"][1:]),
             timesteps=int(meta["timesteps"]),
-            binning=dict(meta["binning"]),
+            binning={"resize": LEGACY_RESIZE, **meta["binning"]},  # files from before "resize" resized frames
         )
     except (ValueError, TypeError, KeyError) as e:
         raise MetadataError(f"metadata cannot describe the binning: {e}") from None

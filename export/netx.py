@@ -27,23 +27,37 @@ layers) is the integer logit sum. See docs/loihi.md.
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any, Callable
 
 import numpy as np
 
 from tmkt.export.graph import DeployGraph, as_pair, run_graph
-from tmkt.export.netx_sim import simulate
-from tmkt.export.quantize import ConvGeometry, CubaParams, LavaExportError, QLayer, QuantizedNet, quantize_graph
+from tmkt.export.netx_sim import simulate, to_spikes
+from tmkt.export.quantize import (
+    VTH_MAX,
+    ConvGeometry,
+    CubaParams,
+    LavaExportError,
+    QLayer,
+    QuantizedNet,
+    quantize_graph,
+)
 from tmkt.export.report import ExportReport
 from tmkt.fileio import atomic_path
 
 FORMAT = "tmkt-netx/1"
 INPUT_NEURON = CubaParams(i_decay=4096, v_decay=4096, v_th_mant=0)  # a_in >= 1 -> one spike
-# Frames (counts, bilinearly resized, so fractional) are rounded to integer counts and the input
-# neuron fires on a count >= 1: spike = frame > 0.5. On the built-in digits this keeps the float
-# accuracy; "any event" (> 0) smears the resized frames and cost 4 to 16 points.
+# The input neuron fires on a count >= 1: spike = frame > 0.5. Binary frames binned at the training
+# size (binning "resize": "events", the default) pass unchanged, so the chip sees exactly the training
+# input; bilinearly resized frames (legacy "frames") are rounded to integer counts first.
 INPUT_THRESHOLD = 0.5
+CALIBRATION_SAMPLES = 512  # training samples whose spikes set the readout's range
+
+
+class InputMismatchWarning(UserWarning):
+    """The run was trained on frames that are not the binary spikes Loihi is fed."""
 
 # A check run on the written (not yet renamed) file: (path, spikes [N, T, C, H, W]) -> figures.
 # `tmkt.runtime.lava.lava_check` is one: lava-dl itself must match the simulator spike for spike.
@@ -276,6 +290,33 @@ def check_readback(written: QuantizedNet, read: QuantizedNet) -> None:
             raise LavaExportError(f"netx read-back differs from the written network at layer {a.name!r}")
 
 
+def calibration_from_run(run: Any, samples: int = CALIBRATION_SAMPLES, split: str = "train") -> np.ndarray:
+    """Binary input spikes `[T, N, C, H, W]` of up to `samples` event recordings of a run's
+    `split` (rebuilt from its config: the frames it was trained on), for `export_netx(calibration=)`."""
+    from tmkt.data.registry import build_data_for_run
+
+    data = getattr(build_data_for_run(run.config), split)
+    events = getattr(data, "events", data)  # training pairs hold their event set
+    n = min(int(samples), len(events))
+    idx = np.linspace(0, len(events) - 1, n).round().astype(int) if n else np.zeros(0, int)  # spread over classes
+    frames = [np.asarray(events.frames(i) if hasattr(events, "frames") else events[i][0], np.float32) for i in idx]
+    return to_spikes(np.stack(frames, axis=1), INPUT_THRESHOLD)
+
+
+def input_mismatch(meta: dict[str, Any]) -> str | None:
+    """Why the frames a run was trained on differ from the chip's binary spikes, or None."""
+    binning = meta.get("binning") or {}
+    if not binning:
+        return None
+    if not binning.get("binary", False):
+        return "it was trained on event counts, the chip gets binary spikes (frame > 0.5)"
+    if binning.get("resize", "frames") != "events" and tuple(meta.get("input_shape", (0, 0, 0)))[1:] != tuple(
+        meta.get("sensor_size", (0, 0))[:2][::-1]
+    ):
+        return "its binary frames were resized bilinearly (binning resize 'frames'), the chip gets them rounded"
+    return None
+
+
 def _float_agreement(graph: DeployGraph, net: QuantizedNet, spikes: np.ndarray) -> float:
     """Share of samples where the simulator predicts what the float deploy graph does on `spikes`."""
     import torch
@@ -298,26 +339,54 @@ def export_netx(
     lava_check: FileCheck | None = None,
     check_samples: int = 4,
     seed: int = 0,
+    calibration: np.ndarray | None = None,
 ) -> ExportReport:
     """Write `graph` as a netx HDF5 file for Loihi / lava-dl (8-bit, CUBA); returns its report.
 
+    `calibration`: binary input spikes `[T, N, C, H, W]` of training samples
+    (`calibration_from_run`); the readout is scaled so that its membrane stays inside the 24-bit
+    range and under threshold for T steps (`tmkt.export.quantize.readout_scale`); without it, for
+    the worst case of any input. On the calibration spikes every readout membrane must stay in
+    range, else ReadoutRangeError (as when the readout would keep fewer than 5 weight bits).
     The bit-accurate simulator runs the quantized network on `check_samples` random spike inputs
-    and its agreement with the float deploy graph goes into the file (`meta/json` "check").
-    With `verify`, before the file appears: it is read back and must equal what was written,
-    and `lava_check` (if given; `tmkt.runtime.lava.lava_check` runs lava-dl itself) runs on it.
+    (and as many calibration samples) and its agreement with the float deploy graph goes into the
+    file (`meta/json` "check"). With `verify`, before the file appears: it is read back and must
+    equal what was written, and `lava_check` (if given; `tmkt.runtime.lava.lava_check` runs
+    lava-dl itself) runs on the same real and random inputs.
     `source_run`: the run directory, recorded so that `tmkt eval FILE` finds the float model.
-    Raises LavaExportError naming the layer a netx 0.6.0 / Loihi network cannot take.
+    Raises LavaExportError naming the layer a netx 0.6.0 / Loihi network cannot take. Warns
+    (InputMismatchWarning) when the run was trained on frames other than the chip's binary spikes.
     """
-    net = quantize_graph(graph)
+    mismatch = input_mismatch(graph.meta)
+    if mismatch:
+        warnings.warn(f"Loihi export: {mismatch}; accuracy on the chip will differ from the float model's "
+                      "(train with binary frames and binning resize 'events', the defaults)", InputMismatchWarning,
+                      stacklevel=2)
+    net = quantize_graph(graph, calibration)
     if source_run is not None:
         net.meta["source_run"] = str(Path(source_run).resolve())
     net.meta["input_threshold"] = INPUT_THRESHOLD
     net.meta["input_encoding"] = f"binary spikes: 1 where the event frame > {INPUT_THRESHOLD}"
     spikes = random_spikes(net, check_samples, seed)
+    checks: dict[str, str] = {}
+    figures: dict[str, Any] = {"layers": len(net.layers), "readout": net.meta["readout"]}
+    if calibration is not None:
+        sim = simulate(net, calibration)
+        in_range = float(sim.readout_in_range.mean())
+        figures["calibration_readout_in_range"] = in_range
+        if in_range < 1.0:
+            raise LavaExportError(  # quantize_readout bounds it; reaching this is a bug, never a silent file
+                f"readout: {int((~sim.readout_in_range).sum())} of {len(sim.readout_in_range)} calibration samples "
+                f"leave the 24-bit range (limit {VTH_MAX} x 64)"
+            )
+        checks[f"readout in range on {calibration.shape[1]} calibration samples"] = "all"
+        real = np.asarray(calibration[:, :check_samples], np.uint8)
+        spikes = np.concatenate([real, spikes], axis=1)
     agreement = _float_agreement(graph, net, spikes)
-    net.meta["check"] = {"samples": int(check_samples), "seed": seed, "float_agreement_random_input": agreement}
-    checks = {f"simulator vs float on {check_samples} random inputs": f"{agreement:.0%} agree"}
-    figures: dict[str, Any] = {"float_agreement_random_input": agreement, "layers": len(net.layers)}
+    net.meta["check"] = {"samples": int(spikes.shape[1]), "seed": seed, "float_agreement": agreement,
+                         "real_samples": 0 if calibration is None else int(min(check_samples, calibration.shape[1]))}
+    checks[f"simulator vs float on {spikes.shape[1]} inputs"] = f"{agreement:.0%} agree"
+    figures["float_agreement"] = agreement
     path = Path(path)
     with atomic_path(path) as tmp:
         import h5py

@@ -46,6 +46,9 @@ class SimResult:
     readout_current: `[B, K]` sum over T of the readout's input current + bias (integer logits).
     readout_in_range: `[B]` True where the readout membrane never saturated or spiked, i.e.
         where reading `v / 64` on Loihi gives exactly `readout_current`.
+
+    `prediction` is what the chip reports (the readout membrane after T steps, as lava-dl gives
+    it); `exact_prediction` the argmax of the integer sum, which equals it where in range.
     """
 
     spikes: list[np.ndarray]
@@ -55,7 +58,12 @@ class SimResult:
 
     @property
     def prediction(self) -> np.ndarray:
-        """`[B]` class index: argmax of the integer logits (first on ties)."""
+        """`[B]` class index: argmax of the readout membrane after the last step (first on ties)."""
+        return self.readout_v[-1].argmax(axis=1)
+
+    @property
+    def exact_prediction(self) -> np.ndarray:
+        """`[B]` class index: argmax of the exact integer logit sum (no chip provides it)."""
         return self.readout_current.argmax(axis=1)
 
 
@@ -155,6 +163,19 @@ def layer_current(layer: QLayer, x: np.ndarray) -> np.ndarray:
 
 
 # ---------------------------------------------------------------- network
+
+
+def hidden_spikes(layers: list[QLayer], spikes: np.ndarray) -> np.ndarray:
+    """Spikes `[T, B, I]` (flattened) that the layers before the readout, `layers`, send it for
+    input `spikes` `[T, B, C, H, W]`: what the readout's range is calibrated on."""
+    x = np.asarray(spikes)
+    t, b = x.shape[:2]
+    cur = (x > 0).astype(np.uint8)
+    for layer in layers:
+        a = layer_current(layer, cur.reshape(t * b, *cur.shape[2:])).reshape(t, b, *layer.out_shape)
+        bias = layer.bias.astype(np.int64).reshape(-1, *([1] * (len(layer.out_shape) - 1)))
+        cur, _ = run_cuba(a, bias, layer.neuron.i_decay, layer.neuron.v_decay, layer.neuron.v_th_mant)
+    return cur.reshape(t, b, -1)
 
 
 def simulate(net: QuantizedNet, spikes: np.ndarray) -> SimResult:

@@ -24,6 +24,16 @@ Neurons: our LIF (v = (1 - 1/tau) v + I, hard reset to 0) is a CUBA neuron with 
 (current = this step's input) and vDecay round(4096 / tau). The head has no LIF: it becomes a
 dense readout with iDecay 4096, vDecay 0 (a perfect integrator) and the largest threshold
 (2^17 - 1), whose accumulated input current over T steps is the (scaled) sum of the logits.
+
+The readout never saturates (`readout_scale`): its membrane v = 64 * (running sum of W_int s_t +
+b_int) must stay at or below vThMant << 6 = 64 * (2^17 - 1), inside the 24-bit register and under
+the threshold, at every step of every sample, so that the membrane read after T steps (what
+lava-dl and the chip give) is the exact integer logit sum. Its scale is the 8-bit one, lowered
+until T steps at the largest per-step |current| seen on calibration spikes fit (headroom: a
+sample would have to sustain the calibration's peak current at every one of the T steps to reach
+the limit); without calibration, until the worst case of any binary input fits (Σ|W| + |b| at
+every step; always safe, coarser). A readout that would keep fewer than 5 weight bits raises
+ReadoutRangeError.
 """
 
 from __future__ import annotations
@@ -46,6 +56,11 @@ DECAY_UNITY = 4096
 
 class LavaExportError(GraphError):
     """A graph that cannot go to lava-dl netx 0.6.0; the message names the layer."""
+
+
+class ReadoutRangeError(LavaExportError):
+    """The readout membrane cannot stay inside Loihi's 24-bit range (and under its threshold) for
+    T steps without dropping below 5 weight bits; the message names the layer and the figures."""
 
 
 @dataclass(frozen=True)
@@ -333,9 +348,62 @@ def layer_scale(layer: FloatLayer) -> float:
 MIN_WEIGHT_BITS = 5  # below this many magnitude bits the layer is refused rather than silently degraded
 
 
-def quantize_layer(layer: FloatLayer) -> QLayer:
-    """Integer weights/bias and CUBA parameters of one layer; raises naming it on overflow."""
-    scale = layer_scale(layer)
+def readout_sums(weight: np.ndarray, bias: np.ndarray, inputs: np.ndarray) -> np.ndarray:
+    """Running sums over T of the readout current, `[T, N, K]`, for input spikes `[T, N, I]`."""
+    t, n = inputs.shape[:2]
+    current = inputs.reshape(t * n, -1).astype(np.float64) @ weight.T.astype(np.float64) + bias
+    return np.cumsum(current.reshape(t, n, -1), axis=0)
+
+
+def readout_scale(layer: FloatLayer, timesteps: int, inputs: np.ndarray | None = None) -> tuple[float, dict[str, Any]]:
+    """Scale of the readout so that its membrane stays in range (module docstring); returns
+    (scale, figures). `inputs`: the readout's input spikes on calibration data, `[T, N, I]`."""
+    base = layer_scale(layer)
+    worst = _worst_current(layer.weight, layer.bias)  # any binary input, bias included
+    guaranteed = VTH_MAX / (timesteps * worst) * (1 - 1e-9)
+    figures: dict[str, Any] = {"weight_scale_8bit": base, "guaranteed_scale": guaranteed, "timesteps": int(timesteps)}
+    if inputs is None:
+        scale, basis = min(base, guaranteed), "worst case of any binary input"
+    else:
+        t, n = inputs.shape[:2]
+        per_step = inputs.reshape(t * n, -1).astype(np.float64) @ layer.weight.T + layer.bias
+        peak = float(np.abs(per_step).max(initial=0.0))
+        calibrated = VTH_MAX / (timesteps * peak) * (1 - 1e-9) if peak > 0 else base
+        scale = min(base, max(guaranteed, calibrated))
+        basis = "calibration: T steps at the peak per-step current" if scale < base else "8-bit weights"
+        figures.update(calibration_samples=int(n), calibration_peak_current=peak)
+    figures["basis"] = basis if scale < base else "8-bit weights (already in range)"
+    figures["guaranteed"] = scale <= guaranteed
+    return scale, figures
+
+
+def quantize_readout(layer: FloatLayer, timesteps: int, inputs: np.ndarray | None = None) -> tuple[QLayer, dict[str, Any]]:
+    """The readout layer scaled to stay in range for T steps (see `readout_scale`); on the
+    calibration `inputs` `[T, N, I]` the integer running sums are checked to stay within
+    vThMant = 2^17 - 1. Raises ReadoutRangeError below 5 weight bits. Returns (layer, figures)."""
+    scale, figures = readout_scale(layer, timesteps, inputs)
+    q = quantize_layer(layer, scale=scale)
+    if inputs is not None:
+        while np.abs(readout_sums(q.weight, q.bias, inputs)).max(initial=0) > VTH_MAX:  # rounding pushed it over
+            scale *= 0.99
+            q = quantize_layer(layer, scale=scale)
+        figures["calibration_peak_sum"] = int(np.abs(readout_sums(q.weight, q.bias, inputs)).max(initial=0))
+    bits = math.log2(max(int(np.abs(q.weight).max()), 1)) + 1
+    figures.update(scale=q.scale, max_abs_weight=int(np.abs(q.weight).max()), weight_bits=round(bits, 2))
+    if np.abs(q.weight).max() < 2 ** (MIN_WEIGHT_BITS - 1):
+        hint = "" if inputs is not None else "; pass calibration spikes (tmkt export does) for a tighter bound"
+        raise ReadoutRangeError(
+            f"readout {layer.name!r}: its membrane stays inside the 24-bit range for T={timesteps} steps only with "
+            f"max |weight| {int(np.abs(q.weight).max())} (< {MIN_WEIGHT_BITS} bits; {figures['basis']}){hint}"
+        )
+    return q, figures
+
+
+def quantize_layer(layer: FloatLayer, scale: float | None = None) -> QLayer:
+    """Integer weights/bias and CUBA parameters of one layer (at `scale`, default `layer_scale`);
+    raises naming it on overflow."""
+    chosen = scale is not None  # the caller (quantize_readout) checks the weight bits itself
+    scale = layer_scale(layer) if scale is None else scale
     weight_int = np.rint(layer.weight * scale).astype(np.int64)
     while _worst_current(weight_int.astype(np.float64), np.zeros(weight_int.shape[0])) > CURRENT_MAX:  # rounding pushed it over
         scale *= 0.999
@@ -347,7 +415,7 @@ def quantize_layer(layer: FloatLayer) -> QLayer:
         raise LavaExportError(f"layer {layer.name!r}: weights overflow 8 bits ({weight_int.min()}..{weight_int.max()})")
     if np.abs(bias_int).max(initial=0) > BIAS_MAX:
         raise LavaExportError(f"layer {layer.name!r}: bias overflows 13 bits ({np.abs(bias_int).max()} > {BIAS_MAX})")
-    if np.abs(weight_int).max() < 2 ** (MIN_WEIGHT_BITS - 1):
+    if not chosen and np.abs(weight_int).max() < 2 ** (MIN_WEIGHT_BITS - 1):
         raise LavaExportError(
             f"layer {layer.name!r}: bias overflows 13 bits unless the weights keep fewer than {MIN_WEIGHT_BITS} bits "
             f"(max |weight| {np.abs(weight_int).max()} at scale {scale:.4g}); the bias is too large relative to the weights"
@@ -372,9 +440,25 @@ def quantize_layer(layer: FloatLayer) -> QLayer:
     )
 
 
-def quantize_graph(g: DeployGraph) -> QuantizedNet:
-    """Deploy graph -> QuantizedNet (pooling folded, 8-bit weights, CUBA neurons)."""
+def quantize_graph(g: DeployGraph, calibration: np.ndarray | None = None) -> QuantizedNet:
+    """Deploy graph -> QuantizedNet (pooling folded, 8-bit weights, CUBA neurons, a readout that
+    stays in range for T = meta["timesteps"] steps).
+
+    calibration: binary input spikes `[T, N, C, H, W]` (training data) from which the readout's
+        range is measured; None: the worst case of any input. The readout's figures go to
+        `meta["readout"]`.
+    """
     if not isinstance(g.nodes[g.input_name], Input) or len(g.input_shape) != 3:
         raise LavaExportError(f"the input must be a (C, H, W) map for {TARGET}, got {g.input_shape}")
-    layers = [quantize_layer(layer) for layer in fold_for_netx(g)]
-    return QuantizedNet(tuple(g.input_shape), layers, dict(g.meta))  # type: ignore[arg-type]
+    folded = fold_for_netx(g)
+    hidden = [quantize_layer(layer) for layer in folded[:-1]]
+    timesteps = int(g.meta.get("timesteps", 1))
+    inputs = None
+    if calibration is not None:
+        # netx_sim imports this module; the hidden layers' spikes are the readout's input
+        from tmkt.export.netx_sim import hidden_spikes
+
+        inputs = hidden_spikes(hidden, np.asarray(calibration))
+        timesteps = max(timesteps, inputs.shape[0])
+    readout, figures = quantize_readout(folded[-1], timesteps, inputs)
+    return QuantizedNet(tuple(g.input_shape), [*hidden, readout], {**g.meta, "readout": figures})  # type: ignore[arg-type]

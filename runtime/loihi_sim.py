@@ -49,15 +49,21 @@ def _data_bundle(meta: dict[str, Any], run, name: str, data_root, cache_dir, see
 def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "test", *, run_dir: str | Path | None = None,
                   data_root: str | None = None, cache_dir: str | None = None, limit: int | None = None,
                   batch_size: int = 64, seed: int = 0, options: dict | None = None,
-                  input_threshold: float | None = None) -> dict[str, Any]:
+                  input_threshold: float | None = None, lava_samples: int = 0,
+                  lava_env: str | Path | None = None) -> dict[str, Any]:
     """Accuracy of a netx export (bit-accurate simulator) beside its float model.
 
     The float model is the run directory recorded at export (`meta.source_run`, or `run_dir`);
     it sees the frames as in training. The quantized network sees binary spikes, frame >
     input_threshold (default: the file's `meta.input_threshold`, 0.5).
-    Returns {"quantized_accuracy", "float_accuracy" (None without the run), "float_binary_accuracy"
-    (float model on the binarized input), "agreement", "readout_in_range", "samples", "seconds",
-    "dataset", "split"}.
+    `quantized_accuracy` is what the chip reports: the argmax of the readout membrane after T
+    steps; `exact_sum_accuracy` the argmax of the exact integer logit sum (equal where the
+    readout stayed in range). `lava_samples` > 0 also runs the first that many samples through
+    lava-dl itself (the Python 3.10 lava env) and compares its readout argmax with the
+    simulator's, sample for sample ("lava": {"samples", "agree", "identical_membrane"}).
+    Returns {"quantized_accuracy", "exact_sum_accuracy", "float_accuracy" (None without the run),
+    "float_binary_accuracy" (float model on the binarized input), "agreement", "readout_in_range",
+    "samples", "seconds", "dataset", "split"[, "lava"]}.
     """
     if split not in SPLITS:
         raise NetxEvalError(f"split must be test, val or train, got {split!r}")
@@ -70,17 +76,46 @@ def evaluate_netx(path: str | Path, dataset: str | None = None, split: str = "te
     samples = getattr(_data_bundle(meta, run, name, data_root, cache_dir, seed, options), split)
     n_total = len(samples) if limit is None else min(limit, len(samples))
     start = time.perf_counter()
-    counts = _count_correct(read_netx(path), graph, samples, n_total, batch_size, input_threshold)
+    net = read_netx(path)
+    counts = _count_correct(net, graph, samples, n_total, batch_size, input_threshold)
     n = max(n_total, 1)
     with_float = graph is not None
-    return {
+    result = {
         "dataset": name, "split": split, "samples": n_total,
-        "quantized_accuracy": counts["quantized"] / n,
+        "quantized_accuracy": counts["quantized"] / n, "exact_sum_accuracy": counts["exact"] / n,
         "float_accuracy": counts["float"] / n if with_float else None,
         "float_binary_accuracy": counts["float_binary"] / n if with_float else None,
         "agreement": counts["agree"] / n if with_float else None,
         "readout_in_range": counts["in_range"] / n, "input_threshold": input_threshold,
         "seconds": time.perf_counter() - start,
+    }
+    if lava_samples > 0:
+        result["lava"] = lava_agreement(path, net, samples, min(lava_samples, n_total), input_threshold, lava_env)
+    return result
+
+
+def _frames_labels(items: list) -> tuple[np.ndarray, np.ndarray]:
+    """Frames `[T, B, C, H, W]` and labels of dataset items; training splits yield (static,
+    events, label), the others (events, label)."""
+    frames = np.stack([np.asarray(it[-2] if len(it) == 3 else it[0], np.float32) for it in items], axis=1)
+    return frames, np.asarray([int(it[-1]) for it in items])
+
+
+def lava_agreement(path: str | Path, net, samples, n: int, input_threshold: float,
+                   lava_env: str | Path | None = None) -> dict[str, Any]:
+    """The first `n` samples through lava-dl (fixed_pt) and the simulator: how many readout
+    argmaxes agree, and whether the readout membranes are identical."""
+    from tmkt.runtime.lava import run_in_lava
+
+    frames, labels = _frames_labels([samples[i] for i in range(n)])
+    spikes = to_spikes(frames, input_threshold)
+    sim = simulate(net, spikes)
+    lava = run_in_lava(path, spikes.transpose(1, 0, 2, 3, 4), lava_env=lava_env)
+    lava_pred = lava["readout_v"].argmax(axis=1)
+    return {
+        "samples": int(n), "agree": int((lava_pred == sim.prediction).sum()),
+        "identical_membrane": bool(np.array_equal(lava["readout_v"], sim.readout_v[-1])),
+        "lava_correct": int((lava_pred == labels).sum()), "seconds": lava["seconds"],
     }
 
 
@@ -89,15 +124,13 @@ def _count_correct(net, graph: DeployGraph | None, samples, n_total: int, batch_
     """Correct predictions of the simulator and (with `graph`) of the float model, in batches."""
     import torch
 
-    counts = dict.fromkeys(("quantized", "float", "float_binary", "agree", "in_range"), 0)
+    counts = dict.fromkeys(("quantized", "exact", "float", "float_binary", "agree", "in_range"), 0)
     for lo in range(0, n_total, batch_size):
-        items = [samples[i] for i in range(lo, min(lo + batch_size, n_total))]
-        # training splits yield (static, events, label), the others (events, label)
-        frames = np.stack([np.asarray(it[-2] if len(it) == 3 else it[0], np.float32) for it in items], axis=1)
-        labels = np.asarray([int(it[-1]) for it in items])
+        frames, labels = _frames_labels([samples[i] for i in range(lo, min(lo + batch_size, n_total))])
         spikes = to_spikes(frames, input_threshold)
         sim = simulate(net, spikes)
         counts["quantized"] += int((sim.prediction == labels).sum())
+        counts["exact"] += int((sim.exact_prediction == labels).sum())
         counts["in_range"] += int(sim.readout_in_range.sum())
         if graph is not None:
             float_pred = run_graph(graph, torch.from_numpy(frames))["logits"].argmax(1).numpy()

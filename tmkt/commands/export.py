@@ -12,7 +12,7 @@ from tmkt.commands import fail
 TARGETS = ("onnx", "lava", "nir")
 
 
-def _export_to(target: str, graph, dest: Path, verify: bool, run_dir: Path, mode: str,
+def _export_to(target: str, run, graph, dest: Path, verify: bool, run_dir: Path, mode: str,
                timesteps: Optional[int], opset: Optional[int]):
     """Call the one export function of `target`; returns its ExportReport."""
     if target == "onnx":
@@ -20,10 +20,11 @@ def _export_to(target: str, graph, dest: Path, verify: bool, run_dir: Path, mode
 
         return export_onnx(graph, dest, verify=verify, mode=mode, timesteps=timesteps, opset=opset or DEFAULT_OPSET)
     if target == "lava":
-        from tmkt.export.netx import export_netx
+        from tmkt.export.netx import calibration_from_run, export_netx
         from tmkt.runtime.lava import lava_check
 
-        return export_netx(graph, dest, verify=verify, source_run=run_dir, lava_check=lava_check() if verify else None)
+        return export_netx(graph, dest, verify=verify, source_run=run_dir, lava_check=lava_check() if verify else None,
+                           calibration=calibration_from_run(run))
     from tmkt.export.nir import export_nir
 
     return export_nir(graph, dest, verify=verify)
@@ -63,8 +64,9 @@ def export(
 
     default_name = {"onnx": f"model.{mode}.onnx", "lava": "model.netx.h5", "nir": "model.nir"}[target]
     try:
-        graph = lower_run(load_run(run_dir))
-        report = _export_to(target, graph, out or run_dir / default_name, not no_verify, run_dir, mode, timesteps, opset)
+        run = load_run(run_dir)
+        graph = lower_run(run)
+        report = _export_to(target, run, graph, out or run_dir / default_name, not no_verify, run_dir, mode, timesteps, opset)
     except ModuleNotFoundError as e:  # lava's and NIR's exporters need h5py / nir, optional parts of an install
         fail(f"target {target!r} is not available in this installation ({e})")
     except (TmktError, OSError) as e:

@@ -71,6 +71,7 @@ def to_frames(
     by: str = "time",
     binary: bool = False,
     out_size: tuple[int, int] | None = None,
+    resize: str = "frames",
 ) -> np.ndarray:
     """Accumulate events into ``n_bins`` frames.
 
@@ -89,6 +90,12 @@ def to_frames(
             pixel interpolates the 4 nearest input pixels, so the sum scales by roughly
             ``(H_out * W_out) / (H * W)`` and, when shrinking more than 2x, events between
             sample points are skipped.
+        resize: how ``out_size`` is reached. ``"frames"``: bin at sensor size, then resize the
+            frames bilinearly (above). ``"events"``: scale the event coordinates first,
+            ``x' = floor(x * W_out / W)`` and ``y' = floor(y * H_out / H)`` in exact integer
+            arithmetic (tonic's ``Downsample`` with a per-axis factor), then bin at
+            ``out_size``: every event is counted once, counts stay integers and binary frames
+            stay exactly binary (what a spiking chip is fed).
 
     Returns:
         float32 ``[T, 2, H, W]`` (or ``[T, 2, H_out, W_out]``); channel 0 = OFF, 1 = ON.
@@ -98,6 +105,8 @@ def to_frames(
     if len(size) not in (2, 3) or (len(size) == 3 and size[2] != 2):
         raise ValueError(f"sensor_size must be (W, H) or (W, H, 2), got {sensor_size!r}")
     width, height = size[0], size[1]
+    if resize not in ("frames", "events"):
+        raise ValueError(f"resize must be 'frames' or 'events', got {resize!r}")
     n_bins = int(n_bins)
     if n_bins < 1:
         raise ValueError(f"n_bins must be >= 1, got {n_bins}")
@@ -107,6 +116,8 @@ def to_frames(
     if n == 0:
         if by not in ("time", "count"):
             raise ValueError(f"by must be 'time' or 'count', got {by!r}")
+        if out_size is not None and resize == "events":
+            height, width = (int(v) for v in out_size)
         frames = np.zeros((n_bins, 2, height, width), dtype=np.float32)
     else:
         # contiguous copies first: reductions and arithmetic on strided struct fields are slow
@@ -114,6 +125,9 @@ def to_frames(
         y = np.ascontiguousarray(events["y"])
         if x.min() < 0 or x.max() >= width or y.min() < 0 or y.max() >= height:
             raise ValueError(f"event coordinates fall outside the sensor {width}x{height}")
+        if out_size is not None and resize == "events":
+            x, y, (width, height) = downsample_coordinates(x, y, (width, height), out_size)
+            n_pix = height * width
         # flat index ((bin * 2 + p) * H + y) * W + x, built in place; the bin is added below
         flat = (np.asarray(events["p"]) > 0).astype(np.int64)
         flat *= height
@@ -133,9 +147,22 @@ def to_frames(
                 frames[k] = counts.reshape(2, height, width)
     if binary:
         frames = (frames > 0).astype(np.float32)
-    if out_size is not None:
+    if out_size is not None and resize == "frames":
         frames = resize_frames(frames, out_size)
     return frames
+
+
+def downsample_coordinates(
+    x: np.ndarray, y: np.ndarray, sensor: tuple[int, int], out_size: tuple[int, int]
+) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
+    """Event coordinates on a ``sensor`` ``(W, H)`` mapped onto an ``out_size`` ``(H_out, W_out)``
+    grid: ``x * W_out // W``, ``y * H_out // H`` (integers, so no float rounding puts an event on
+    the wrong side of a pixel edge). Returns ``(x', y', (W_out, H_out))``."""
+    h_out, w_out = (int(v) for v in out_size)
+    if h_out < 1 or w_out < 1:
+        raise ValueError(f"out_size must be positive (H, W), got {out_size!r}")
+    width, height = (int(v) for v in sensor)
+    return (np.asarray(x, np.int64) * w_out) // width, (np.asarray(y, np.int64) * h_out) // height, (w_out, h_out)
 
 
 def resize_frames(frames: np.ndarray, out_size: tuple[int, int]) -> np.ndarray:

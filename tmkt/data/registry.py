@@ -20,7 +20,7 @@ empty static tensor and ``bundle.has_static`` is False: TMKT, EKT and fine-tunin
 static pool; event-only training still works.
 
 Real-set options: ``val_fraction`` (0), ``split_fraction`` (0.9, share of each class used for
-training where there is no official split), ``by`` / ``binary`` (binning).
+training where there is no official split), ``by`` / ``binary`` / ``resize`` (binning).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ from tmkt.data.datasets import (
 from tmkt.data.builtin import BuiltinSet, build_builtin
 from tmkt.data.digits import DIGITS
 from tmkt.data.mnist import MNIST
-from tmkt.data.spec import DEFAULT_BINNING, DataBundle, DataSpec, frames_from_events
+from tmkt.data.spec import DEFAULT_BINNING, LEGACY_RESIZE, DataBundle, DataSpec, frames_from_events
 from tmkt.data.static import ArrayStaticPool, FolderStaticPool, caltech101_pool, read_cifar10, read_mnist
 
 __all__ = ["NAMES", "DataBundle", "DataSpec", "build_data", "build_data_for_run", "frames_from_events"]
@@ -58,7 +58,7 @@ _REAL = {
 }
 # The built-in pairs (emulated event pools, no download).
 BUILTIN: dict[str, BuiltinSet] = {"digits": DIGITS, "mnist": MNIST}
-_REAL_OPTIONS = ("val_fraction", "split_fraction", "by", "binary")
+_REAL_OPTIONS = ("val_fraction", "split_fraction", "by", "binary", "resize")
 
 
 def build_data(
@@ -132,6 +132,8 @@ def build_data_for_run(
     if options is None:
         options = dict(stored.get("data_options") or {}) if name == data["name"] else {}
         options.update({k: data["binning"][k] for k in ("by", "binary") if k in data["binning"]})
+        # a run stored before binning had "resize" resized frames: rebuild its input as it was
+        options["resize"] = data["binning"].get("resize", LEGACY_RESIZE)
     return build_data(
         name,
         timesteps=int(data["timesteps"]),
@@ -154,7 +156,7 @@ def _build_real(name, timesteps, input_size, data_root, static_root, event_fract
     if name == "dvsgesture" and static_root is not None:
         raise ValueError("dvsgesture has no static counterpart: leave static_root unset (event-only methods only)")
     sensor_size, default_input, shift = _REAL[name]
-    binning = {**DEFAULT_BINNING, "shift_to_origin": shift, **{k: options[k] for k in ("by", "binary") if k in options}}
+    binning = {**DEFAULT_BINNING, "shift_to_origin": shift, **{k: options[k] for k in ("by", "binary", "resize") if k in options}}
 
     if name in ("nmnist", "dvsgesture"):
         scan = scan_nmnist if name == "nmnist" else scan_dvsgesture

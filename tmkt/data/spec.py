@@ -9,11 +9,15 @@ Binning (``spec.binning``, JSON-ready):
   counts), see ``tmkt.data.binning.to_frames``;
 - ``binary``: frames hold 1 where a pixel fired in the bin instead of the count;
 - ``shift_to_origin``: subtract the smallest x and y first (tonic does this for
-  N-Caltech101, whose recordings sit at different places on the 240x180 sensor).
+  N-Caltech101, whose recordings sit at different places on the 240x180 sensor);
+- ``resize``: how the sensor becomes ``input_size``. ``"events"`` (the default for new
+  data specs): event coordinates are scaled into ``input_size`` before binning, so frames hold
+  integer counts and binary frames are exactly binary, the very spikes a chip is fed (docs/loihi.md);
+  ``"frames"``: bin at sensor size, then resize the frames bilinearly (fractional values; what
+  every spec written before this key existed did, so ``from_dict`` restores it for them).
 
-Events outside ``sensor_size`` (after the shift) are dropped. Frame values are the raw
-per-bin counts of ``to_frames`` after its bilinear resize to ``input_size`` (so not integers
-when resized); nothing is clipped or normalized: the network sees them as they are.
+Events outside ``sensor_size`` (after the shift) are dropped. Nothing is clipped or normalized:
+the network sees the frames as they are.
 """
 
 from __future__ import annotations
@@ -24,7 +28,8 @@ import numpy as np
 
 from tmkt.data.binning import to_frames
 
-DEFAULT_BINNING = {"by": "time", "binary": False, "shift_to_origin": False}
+DEFAULT_BINNING = {"by": "time", "binary": False, "shift_to_origin": False, "resize": "events"}
+LEGACY_RESIZE = "frames"  # specs stored before the "resize" key existed resized frames
 
 
 @dataclass(frozen=True)
@@ -52,6 +57,8 @@ class DataSpec:
             raise ValueError(f"unknown binning keys {sorted(unknown)}; known: {sorted(DEFAULT_BINNING)}")
         if self.binning.get("by", "time") not in ("time", "count"):
             raise ValueError(f"binning 'by' must be 'time' or 'count', got {self.binning['by']!r}")
+        if self.binning.get("resize", "events") not in ("events", "frames"):
+            raise ValueError(f"binning 'resize' must be 'events' or 'frames', got {self.binning['resize']!r}")
         if self.timesteps < 1:
             raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
 
@@ -73,7 +80,7 @@ class DataSpec:
             sensor_size=tuple(int(v) for v in d["sensor_size"]),
             input_size=tuple(int(v) for v in d["input_size"]),
             timesteps=int(d["timesteps"]),
-            binning=dict(d["binning"]),
+            binning={"resize": LEGACY_RESIZE, **d["binning"]},
         )
 
 
@@ -109,6 +116,7 @@ def frames_from_events(events: np.ndarray, spec: DataSpec) -> np.ndarray:
         by=binning["by"],
         binary=bool(binning["binary"]),
         out_size=tuple(spec.input_size),
+        resize=binning["resize"],
     )
 
 
