@@ -387,3 +387,29 @@ def test_follow_missing_file(stream_model, tmp_path):
     clf = EventClassifier(stream_model, provider="cpu")
     with pytest.raises(LiveError, match="no such file"):
         run_live(clf, follow_file_source(tmp_path / "nope.raw", idle_timeout=0.1), 1000)
+
+
+def test_ctrl_c_ends_with_a_summary(stream_model, tmp_path):
+    """SIGINT to a real `tmkt infer --follow` process: a clean exit (0) after its summary line."""
+    import signal
+
+    ev = recording(5)
+    path = tmp_path / "live.csv"
+    path.write_text("".join(f"{e['t']},{e['x']},{e['y']},{e['p']}\n" for e in ev))
+    cmd = [sys.executable, "-m", "tmkt", "infer", str(stream_model), "--follow", str(path), "--window-ms", "20",
+           "--max-backlog", "1000",
+           "--json", "--provider", "cpu"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        first = proc.stdout.readline()  # the first window: the run is live (the file never ends)
+        assert "window" in json.loads(first)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    lines = [json.loads(line) for line in [first, *out.splitlines()] if line.strip()]
+    summary = lines[-1]["summary"]
+    assert proc.returncode == 0, err
+    assert summary["end"] == "interrupted" and "Traceback" not in err
+    # everything up to the last event's window was classified before the interrupt, none dropped
+    assert summary["windows"] == len([d for d in lines if "window" in d]) and summary["dropped_windows"] == 0
