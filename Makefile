@@ -7,8 +7,9 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.tmkt-installed
 
 LAVA_ENV ?= $(HOME)/.cache/tmkt/lava-env
+SINABS_ENV ?= $(HOME)/.cache/tmkt/nir-sinabs
 
-.PHONY: install lava-env demo test bench clean
+.PHONY: install lava-env nir-envs demo test bench clean
 
 install: $(STAMP)
 
@@ -36,7 +37,12 @@ demo: install lava-env
 lava-env:
 	bash scripts/lava_env.sh $(LAVA_ENV)
 
-test: install lava-env
+# sinabs 3.1.3 pins nir <= 1.0.4: its own light env (torch CPU + sinabs; cached, a stamp makes reruns free)
+# in which the tests run tmkt's NIR files through sinabs's import. norse and snntorch run in .venv.
+nir-envs:
+	bash scripts/nir_env.sh sinabs $(SINABS_ENV)
+
+test: install lava-env nir-envs
 	$(BIN)/python -m pytest
 
 clean:

@@ -21,14 +21,23 @@ def test_nir_round_trip_equals_deploy_graph(tmp_path, backbone, size):
     g = lower(model, {"timesteps": 5, "class_names": [str(i) for i in range(10)]})
     report = export_nir(g, tmp_path / "m.nir")
     assert report.figures["spikes_identical"] and report.figures["max_abs_logit_diff"] <= 1e-6
-    # nir itself reads the file, with one node per deploy node (Add folded into edges) plus Output
-    ng = nir.read(str(tmp_path / "m.nir"), type_check=False)
-    n_add = sum(isinstance(n, Add) for n in g.nodes.values())
+    # nir itself reads the file (type-checked), with one node per deploy node (Add folded into edges,
+    # Flatten + Dense written as one Conv2d over the map) plus Output
+    ng = nir.read(str(tmp_path / "m.nir"))
+    n_add = sum(isinstance(n, (Add, Flatten)) for n in g.nodes.values())
     assert len(ng.nodes) == len(g.nodes) - n_add + 1
     assert json.loads(ng.metadata["tmkt"])["meta"]["timesteps"] == 5
-    lif = next(n for n in ng.nodes.values() if isinstance(n, nir.LIF))
-    # forward Euler with dt = 1: v += (1/tau_nir) * (-v + r I)  ==  v - v/tau + I
-    assert np.allclose(lif.tau, 3.0) and np.allclose(lif.r, 3.0) and np.allclose(lif.v_threshold, 0.5)
+    name, lif = next((k, n) for k, n in ng.nodes.items() if isinstance(n, nir.LIF))
+    # forward Euler with dt = 1e-4 s: v += (dt/tau_nir) * (-v + r I') == v - v/tau + I, where the gain tau
+    # is folded into the synapse (I' = tau I, r = 1) unless an Add feeds the LIF (then r = tau)
+    assert np.allclose(lif.tau, 3.0e-4) and np.all(lif.v_threshold < 0.5)
+    assert np.float32(lif.v_threshold.flat[0]) == np.nextafter(np.float32(0.5), np.float32(0))
+    (src,) = [s for s, d in ng.edges if d == name]
+    if isinstance(g.nodes[src], Conv2d):
+        assert np.allclose(lif.r, 1.0) and np.allclose(ng.nodes[src].weight, 3.0 * g.nodes[src].weight, rtol=1e-6)
+    else:
+        assert np.allclose(lif.r, 3.0)
+    assert not any(isinstance(n, nir.AvgPool2d) for n in ng.nodes.values())  # SumPool2d: every importer maps it
     back = read_nir(tmp_path / "m.nir")
     x = (torch.rand(5, 3, *g.input_shape) < 0.4).float()
     a, b = run_graph(g, x), run_graph(back, x)
