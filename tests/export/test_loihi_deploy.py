@@ -1,6 +1,8 @@
 """Loihi deployment of a trained run: the readout never saturates (and keeps its argmax), lava-dl
 on real test samples reports what the simulator does, and the chip's input is the training input."""
 
+import json
+
 import numpy as np
 import pytest
 from typer.testing import CliRunner
@@ -124,3 +126,25 @@ def test_training_input_is_the_deployed_spike_input(trained):
         trained_on = bundle.test.frames(j)
         assert deployed.dtype == np.uint8 and set(np.unique(trained_on)) <= {0.0, 1.0}
         assert np.array_equal(deployed.astype(np.float32), trained_on)
+
+
+def test_eval_exits_reports_every_exit_on_the_same_split(trained):
+    """`tmkt eval RUN --exits`: the float row is `tmkt eval RUN`'s accuracy; ONNX, the chip readout
+    and NIR in norse/snntorch are checked against it on the same test samples."""
+    run_dir, cache = trained
+    runner = CliRunner()
+    res = runner.invoke(app, ["eval", str(run_dir), "--json", "--device", "cpu", "--cache-dir", cache])
+    assert res.exit_code == 0, res.output
+    float_acc = json.loads(res.output)["accuracy"]
+    res = runner.invoke(app, ["eval", str(run_dir), "--exits", "--json", "--cache-dir", cache])
+    assert res.exit_code == 0, res.output
+    out = json.loads(res.output)
+    rows = {r["exit"].split(" (")[0]: r for r in out["rows"]}
+    assert rows["float"]["accuracy"] == pytest.approx(float_acc)
+    assert rows["ONNX"]["agreement_with_float"] == 1.0
+    # a two-epoch 16x16 model has small margins: 8-bit hidden layers move some (default run: 100 %)
+    assert rows["netx"]["readout_in_range"] == 1.0 and rows["netx"]["agreement_with_float"] >= 0.85
+    for fw in ("norse", "snntorch"):
+        row = rows[f"NIR in {fw}"]
+        assert row["spikes_identical"] and row["agreement_with_float"] == 1.0, row
+    assert "NIR in sinabs" in rows

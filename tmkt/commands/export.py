@@ -13,7 +13,7 @@ TARGETS = ("onnx", "lava", "nir")
 
 
 def _export_to(target: str, run, graph, dest: Path, verify: bool, run_dir: Path, mode: str,
-               timesteps: Optional[int], opset: Optional[int]):
+               timesteps: Optional[int], opset: Optional[int], nir_flavor: str = "default"):
     """Call the one export function of `target`; returns its ExportReport."""
     if target == "onnx":
         from tmkt.export.onnx import DEFAULT_OPSET, export_onnx
@@ -27,7 +27,7 @@ def _export_to(target: str, run, graph, dest: Path, verify: bool, run_dir: Path,
                            calibration=calibration_from_run(run))
     from tmkt.export.nir import export_nir
 
-    return export_nir(graph, dest, verify=verify)
+    return export_nir(graph, dest, verify=verify, flavor=nir_flavor)
 
 
 def export(
@@ -39,6 +39,9 @@ def export(
     out: Optional[Path] = typer.Option(
         None, "--out", "-o", help="Output file (default: RUN_DIR/model.<mode>.onnx, model.netx.h5 or model.nir)."
     ),
+    nir_flavor: str = typer.Option(
+        "default", "--nir-flavor", help="NIR only: default (norse with from_nir(g, dt=1e-4), snntorch, nir >= 1.0.5) | "
+        "sinabs (sinabs 3.1.3 and nir 1.0.4 read it; docs/nir.md)."),
     no_verify: bool = typer.Option(
         False,
         "--no-verify",
@@ -55,6 +58,10 @@ def export(
         raise typer.BadParameter("must be >= 1", param_hint="--timesteps")
     if target != "onnx" and (mode != "unrolled" or timesteps is not None or opset is not None):
         raise typer.BadParameter("--mode, --timesteps and --opset apply to --target onnx only")
+    if nir_flavor not in ("default", "sinabs"):
+        raise typer.BadParameter("must be default or sinabs", param_hint="--nir-flavor")
+    if target != "nir" and nir_flavor != "default":
+        raise typer.BadParameter("--nir-flavor applies to --target nir only")
     if out is not None and out.is_dir():
         raise typer.BadParameter(f"{out} is a folder; give the output file's path", param_hint="--out")
 
@@ -66,7 +73,8 @@ def export(
     try:
         run = load_run(run_dir)
         graph = lower_run(run)
-        report = _export_to(target, run, graph, out or run_dir / default_name, not no_verify, run_dir, mode, timesteps, opset)
+        report = _export_to(target, run, graph, out or run_dir / default_name, not no_verify, run_dir, mode, timesteps, opset,
+                            nir_flavor)
     except ModuleNotFoundError as e:  # lava's and NIR's exporters need h5py / nir, optional parts of an install
         fail(f"target {target!r} is not available in this installation ({e})")
     except (TmktError, OSError) as e:

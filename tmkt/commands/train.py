@@ -98,7 +98,11 @@ def train_command(
         None, help="Batch size for validation and test (default: 2 x batch size).", rich_help_panel=_SETTINGS
     ),
 ) -> None:
-    """Train a spiking network (TMKT by default; with no arguments: on the built-in digits set, a few minutes on a CPU).
+    """Train a spiking network (with no arguments: on the built-in digits set, a few minutes on a CPU).
+
+    The default method is the best measured transfer on the built-in sets in the scarce-event
+    regime: EKT's whole-sequence replacement with one classifier shared by the static and event
+    streams (docs/results-methods.md). --preset paper trains the TMKT paper's design.
 
     Settings come from the defaults, the data set's preset, --config FILE.yaml and then the flags.
     Presets: digits T=8, 32x32, small backbone, 10 epochs, batch 32, lr 5e-3;
@@ -171,6 +175,10 @@ def eval_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print accuracy per class."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
+    exits: bool = typer.Option(False, "--exits", help="Every exit in one table: float, ONNX, netx (chip readout) and "
+                               "NIR in norse, snntorch and sinabs on the same split, with agreement to float."),
+    lava: int = typer.Option(0, "--lava", min=0, help="netx file only: also run the first N test samples through "
+                             "lava-dl itself and compare its readout argmax with the simulator's, sample for sample."),
 ) -> None:
     """Accuracy of a trained run's event head on its data set (rebuilt from the run's config or the flags)."""
     from tmkt.errors import TmktError
@@ -180,8 +188,11 @@ def eval_command(
     if device not in ("auto", "cpu", "cuda"):
         raise typer.BadParameter(f"must be auto, cpu or cuda, got {device!r}", param_hint="--device")
     options = _parse_options(option)
+    if exits:
+        _print_exits(_eval_exits(run, split, cache_dir), as_json)
+        return
     if run.suffix.lower() in NETX_SUFFIXES and run.is_file():  # `tmkt export --target lava` writes model.netx.h5
-        _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size), as_json)
+        _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size, lava), as_json)
         return
     from tmkt.train.setup import resolve_device
 
@@ -222,7 +233,7 @@ def _eval_run(run, split, dataset, data_root, event_fraction, options, cache_dir
     return result
 
 
-def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_size) -> dict:
+def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_size, lava: int = 0) -> dict:
     from tmkt.errors import TmktError
 
     try:
@@ -231,10 +242,53 @@ def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_
         fail(f"evaluating a netx export is not available in this install ({e})")
     try:
         return evaluate_netx(
-            path, dataset, split, data_root=data_root, options=options, cache_dir=cache_dir, batch_size=batch_size
+            path, dataset, split, data_root=data_root, options=options, cache_dir=cache_dir, batch_size=batch_size,
+            lava_samples=lava,
         )
     except (TmktError, OSError) as e:
         fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
+
+
+def _eval_exits(run: Path, split: str, cache_dir) -> dict:
+    from tmkt.errors import TmktError
+    from tmkt.runtime.exits import evaluate_exits
+
+    if run.is_file():  # an exported file: the run it came from
+        from tmkt.export.netx import read_meta
+
+        try:
+            run = Path(read_meta(run)["source_run"])
+        except (KeyError, OSError, TmktError) as e:
+            fail(f"{run}: cannot find the run this file was exported from ({e}); pass the run directory")
+    try:
+        return evaluate_exits(run, split=split, cache_dir=cache_dir)
+    except (TmktError, OSError) as e:
+        fail(str(e))
+
+
+def _print_exits(result: dict, as_json: bool) -> None:
+    """One row per exit: accuracy and agreement with the float model on the same samples."""
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table("exit", "accuracy", "agreement with float", "notes",
+                  title=f"{result['run']}: {result['split']} split, {result['samples']} samples")
+    for row in result["rows"]:
+        if "error" in row:
+            table.add_row(row["exit"], "-", "-", row["error"][:80])
+            continue
+        notes = []
+        if "readout_in_range" in row:
+            notes.append(f"readout in range {row['readout_in_range']:.1%}")
+        if "spikes_identical" in row:
+            notes.append("spikes identical" if row["spikes_identical"]
+                         else f"{row['spike_differences']} of {row['spikes']} spikes differ")
+            notes.append(f"max |dlogit| {row['max_abs_logit_diff']:.2g}")
+        table.add_row(row["exit"], f"{row['accuracy']:.4f}", f"{row['agreement_with_float']:.4f}", ", ".join(notes))
+    Console().print(table)
 
 
 def _print_netx(result: dict, as_json: bool) -> None:
@@ -248,9 +302,14 @@ def _print_netx(result: dict, as_json: bool) -> None:
         return "-" if v is None else f"{v:.4f}"
 
     typer.echo(
-        f"{result.get('split', 'test')} accuracy (netx, bit-accurate simulator): {pct('quantized_accuracy')}  "
-        f"float model: {pct('float_accuracy')}  agreement: {pct('agreement')}  ({result.get('samples', '?')} samples)"
+        f"{result.get('split', 'test')} accuracy (netx, chip readout, bit-accurate simulator): {pct('quantized_accuracy')}  "
+        f"float model: {pct('float_accuracy')}  on binary input: {pct('float_binary_accuracy')}  agreement: "
+        f"{pct('agreement')}  readout in range: {pct('readout_in_range')}  ({result.get('samples', '?')} samples)"
     )
+    if "lava" in result:
+        lava = result["lava"]
+        typer.echo(f"lava-dl on {lava['samples']} test samples: readout argmax = simulator's on {lava['agree']}, "
+                   f"membranes {'identical' if lava['identical_membrane'] else 'DIFFERENT'}")
 
 
 def _print_result(result: dict, per_class: bool, as_json: bool) -> None:
