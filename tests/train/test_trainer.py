@@ -146,7 +146,7 @@ def test_train_writes_run_and_reports_test_accuracy(tmp_path, cache):
     cfg = json.loads((run / "config.json").read_text())
     assert cfg["metrics"]["test_accuracy"] == res.metrics["test_accuracy"]
     assert cfg["metrics"]["best_val_accuracy"] == max(r["val_acc"] for r in rows)
-    assert cfg["train"]["data_options"] == DIGITS_OPTIONS and cfg["method"]["name"] == "tmkt"
+    assert cfg["train"]["data_options"] == DIGITS_OPTIONS and cfg["method"]["name"] == "ekt"
 
     # Independent count: the loaded best checkpoint, its predictions counted by hand.
     loaded = load_run(run)
@@ -199,7 +199,7 @@ def test_interrupt_then_resume_equals_uninterrupted(tmp_path, cache, monkeypatch
     monkeypatch.setattr(registry, "build_data", build_interrupting)
     handler_before = signal.getsignal(signal.SIGINT)
     with pytest.raises(trainer.TrainingInterrupted) as info:
-        trainer.train(tiny_config(tmp_path / "b", cache), console=quiet())
+        trainer.train(tiny_config(tmp_path / "b", cache, method={"name": "tmkt"}), console=quiet())
     assert (info.value.epoch, info.value.step, info.value.exit_code) == (1, 2, 130)
     assert signal.getsignal(signal.SIGINT) is handler_before  # handler restored
     _, state = resume.load_resume_state(tmp_path / "b")
