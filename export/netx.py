@@ -369,7 +369,7 @@ def export_netx(
     net.meta["input_encoding"] = f"binary spikes: 1 where the event frame > {INPUT_THRESHOLD}"
     spikes = random_spikes(net, check_samples, seed)
     checks: dict[str, str] = {}
-    figures: dict[str, Any] = {"layers": len(net.layers), "readout": net.meta["readout"]}
+    figures: dict[str, Any] = {"layers": len(net.layers), "readout_range": net.meta["readout_range"]}
     if calibration is not None:
         sim = simulate(net, calibration)
         in_range = float(sim.readout_in_range.mean())

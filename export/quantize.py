@@ -446,7 +446,7 @@ def quantize_graph(g: DeployGraph, calibration: np.ndarray | None = None) -> Qua
 
     calibration: binary input spikes `[T, N, C, H, W]` (training data) from which the readout's
         range is measured; None: the worst case of any input. The readout's figures go to
-        `meta["readout"]`.
+        `meta["readout_range"]` (the file keeps it in meta/json).
     """
     if not isinstance(g.nodes[g.input_name], Input) or len(g.input_shape) != 3:
         raise LavaExportError(f"the input must be a (C, H, W) map for {TARGET}, got {g.input_shape}")
@@ -461,4 +461,4 @@ def quantize_graph(g: DeployGraph, calibration: np.ndarray | None = None) -> Qua
         inputs = hidden_spikes(hidden, np.asarray(calibration))
         timesteps = max(timesteps, inputs.shape[0])
     readout, figures = quantize_readout(folded[-1], timesteps, inputs)
-    return QuantizedNet(tuple(g.input_shape), [*hidden, readout], {**g.meta, "readout": figures})  # type: ignore[arg-type]
+    return QuantizedNet(tuple(g.input_shape), [*hidden, readout], {**g.meta, "readout_range": figures})  # type: ignore[arg-type]

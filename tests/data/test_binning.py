@@ -148,3 +148,30 @@ def test_rejects_out_of_sensor_and_bad_mode():
         to_frames(ev, (4, 4), 2)
     with pytest.raises(ValueError, match="by"):
         to_frames(ev, (5, 4), 2, by="space")
+
+
+@pytest.mark.parametrize("sensor,out_size", [((36, 36), (32, 32)), ((11, 9), (5, 4)), ((34, 34), (17, 34))])
+def test_resize_events_counts_every_event_once_at_the_output_grid(sensor, out_size):
+    """resize="events": coordinates scaled by tonic's Downsample rule (floor(x * factor), one factor
+    per axis, here in exact fractions), then counted; binary frames stay 0/1 (the chip's spikes)."""
+    tonic = pytest.importorskip("tonic")
+    rng = np.random.default_rng(7)
+    n = 3000
+    ev = np.empty(n, dtype=TONIC_DTYPE)
+    ev["x"], ev["y"] = rng.integers(0, sensor[0], n), rng.integers(0, sensor[1], n)
+    ev["p"], ev["t"] = rng.integers(0, 2, n), np.sort(rng.integers(0, 10_000, n))
+    counts = to_frames(ev, sensor, 4, out_size=out_size, resize="events")
+    h, w = out_size
+    assert counts.shape == (4, 2, h, w) and counts.sum() == n and np.array_equal(counts, np.round(counts))
+    # numpy reference with exact rational factors
+    xs = np.array([int(Fraction(int(x)) * Fraction(w, sensor[0])) for x in ev["x"]])
+    ys = np.array([int(Fraction(int(y)) * Fraction(h, sensor[1])) for y in ev["y"]])
+    bins = np.minimum((ev["t"] - ev["t"][0]) * 4 // (ev["t"][-1] - ev["t"][0]), 3)
+    ref = np.zeros((4, 2, h, w), np.float32)
+    np.add.at(ref, (bins, ev["p"].astype(int), ys, xs), 1)
+    np.testing.assert_array_equal(counts, ref)
+    if w / sensor[0] == h / sensor[1]:  # tonic's Downsample takes one factor for both axes
+        down = tonic.transforms.Downsample(spatial_factor=w / sensor[0])(ev.copy())
+        assert np.mean(down["x"] == xs) > 0.95  # tonic's float factor puts a few events one pixel off
+    binary = to_frames(ev, sensor, 4, binary=True, out_size=out_size, resize="events")
+    np.testing.assert_array_equal(binary, (ref > 0).astype(np.float32))

@@ -426,7 +426,7 @@ def test_build_data_for_run_rebuilds_the_runs_own_test_split(digits):
     options = {"noise_rate": 2.0}
     config = {
         "data": {"name": "digits", "timesteps": 4, "input_size": [32, 32],
-                 "binning": {"by": "time", "binary": False}},
+                 "binning": {"by": "time", "binary": False, "resize": "events"}},
         "train": {"seed": 3, "data_options": options, "event_fraction": 1.0, "data_root": None, "cache_dir": str(cache)},
     }
     want = build_data("digits", timesteps=4, input_size=(32, 32), seed=3, cache_dir=str(cache),
@@ -438,3 +438,9 @@ def test_build_data_for_run_rebuilds_the_runs_own_test_split(digits):
         assert got.test[i][1] == want.test[i][1]
     default = build_data("digits", timesteps=4, input_size=(32, 32), cache_dir=str(cache))
     assert not np.array_equal(np.asarray(default.test[0][0]), np.asarray(got.test[0][0]))
+    # a run stored before binning had "resize" was trained on bilinearly resized frames: it gets them back
+    del config["data"]["binning"]["resize"]
+    legacy = build_data_for_run(config)
+    assert legacy.spec.binning["resize"] == "frames"
+    frames = np.asarray(legacy.test[0][0])
+    assert not np.array_equal(frames, np.round(frames))  # fractional: resized after binning

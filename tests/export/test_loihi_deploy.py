@@ -75,7 +75,7 @@ def test_saturating_readout_stays_in_range_with_the_same_argmax(trained):
     # and the float readout on the same spikes (numpy) picks what the chip reports
     float_logits = (x @ folded[-1].weight.T + folded[-1].bias).sum(0)
     assert (float_logits.argmax(1) == after.prediction).mean() >= 0.97
-    assert scaled.meta["readout"]["calibration_samples"] == calibration.shape[1]
+    assert scaled.meta["readout_range"]["calibration_samples"] == calibration.shape[1]
 
 
 def test_readout_that_cannot_keep_its_range_is_refused():

@@ -52,6 +52,8 @@ class DataSpec:
     binning: dict
 
     def __post_init__(self) -> None:
+        # every spec names its resize, so that to_dict/from_dict cannot mistake it for a legacy one
+        object.__setattr__(self, "binning", {"resize": DEFAULT_BINNING["resize"], **self.binning})
         unknown = set(self.binning) - set(DEFAULT_BINNING)
         if unknown:
             raise ValueError(f"unknown binning keys {sorted(unknown)}; known: {sorted(DEFAULT_BINNING)}")
