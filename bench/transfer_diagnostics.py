@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--sets", default="digits,mnist")
     p.add_argument("--amounts", default="2/class", help="comma-separated amounts as in results.jsonl (e.g. 2/class,5/class)")
     p.add_argument("--variants", default="", help="comma-separated variants (default: all in the log)")
+    p.add_argument("--run-seeds", default="", help="comma-separated training seeds to probe (default: all in the log)")
     p.add_argument("--seed", type=int, default=0, help="seeds the probe's static pairing and mixes")
     p.add_argument("--out", default=None, help="markdown file (default: print only)")
     args = p.parse_args(argv)
@@ -260,7 +261,9 @@ def main(argv: list[str] | None = None) -> None:
     results = [json.loads(line) for line in (root / "results.jsonl").read_text().splitlines() if line.strip()]
     sets, amounts = set(args.sets.split(",")), set(args.amounts.split(","))
     variants = set(args.variants.split(",")) if args.variants else None
-    chosen = [r for r in results if r["set"] in sets and r["amount"] in amounts and (variants is None or r["variant"] in variants)]
+    seeds = {int(v) for v in args.run_seeds.split(",")} if args.run_seeds else None
+    chosen = [r for r in results if r["set"] in sets and r["amount"] in amounts and (variants is None or r["variant"] in variants)
+              and (seeds is None or r["seed"] in seeds)]
     order = {v: i for i, v in enumerate(dict.fromkeys(r["variant"] for r in results))}
     chosen.sort(key=lambda r: (r["set"], r["amount"], order[r["variant"]], r["seed"]))
     log = root / "diagnostics.jsonl"
