@@ -110,7 +110,7 @@ def lava_agreement(path: str | Path, net, samples, n: int, input_threshold: floa
     frames, labels = _frames_labels([samples[i] for i in range(n)])
     spikes = to_spikes(frames, input_threshold)
     sim = simulate(net, spikes)
-    lava = run_in_lava(path, spikes.transpose(1, 0, 2, 3, 4), lava_env=lava_env)
+    lava = run_in_lava(path, spikes.transpose(1, 0, 2, 3, 4), lava_env=lava_env, timeout=600.0 + 60.0 * n)
     lava_pred = lava["readout_v"].argmax(axis=1)
     return {
         "samples": int(n), "agree": int((lava_pred == sim.prediction).sum()),
