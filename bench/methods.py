@@ -242,6 +242,7 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     sets, variants, amounts = _ordered(rows)
     fig, axes = plt.subplots(1, len(sets), figsize=(5.5 * len(sets), 4.2), squeeze=False)
@@ -256,14 +257,16 @@ def plot(rows: list[dict[str, Any]], path: str | Path) -> None:
                     stds.append(statistics.stdev(acc) if len(acc) > 1 else 0.0)
             if xs:
                 style = "-" if v in ("dvs",) or v == DEFAULT_VARIANT else "--"
-                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, linestyle=style, label=v)
+                color = f"C{list(VARIANTS).index(v) % 10}"  # one colour per variant in every panel
+                ax.errorbar(xs, means, yerr=stds, marker="o", capsize=3, linestyle=style, label=v, color=color)
         ax.set_xscale("log")
+        ax.xaxis.set_minor_locator(matplotlib.ticker.NullLocator())
         ax.set_xticks([_amount_key(a) for a in amounts], [a for a in amounts])
         ax.set_xlabel("labelled event recordings per class" if "/" in amounts[0] else "share of event training data (%)")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(dataset)
         ax.grid(alpha=0.3)
-    axes[0][-1].legend(fontsize=8, loc="lower right")
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -277,11 +280,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--per-class", default="2,5,15", help="labelled event recordings per class (comma-separated)")
     p.add_argument("--fractions", default=None, help="shares of the event training pool instead of --per-class")
     p.add_argument("--seeds", default="0,1,2,3,4")
-    p.add_argument("--steps", type=int, default=150, help="optimiser steps per run (epochs are sized to it)")
+    p.add_argument("--steps", type=int, default=100, help="optimiser steps per run (epochs are sized to it)")
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--lr", type=float, default=5e-3)
     p.add_argument("--timesteps", type=int, default=6)
-    p.add_argument("--evals", type=int, default=8, help="validations per run (best epoch is chosen on them)")
+    p.add_argument("--evals", type=int, default=5, help="validations per run (best epoch is chosen on them)")
     p.add_argument("--device", default="cpu", help="cpu | cuda | auto")
     p.add_argument("--jobs", type=int, default=1, help="runs in parallel (processes)")
     p.add_argument("--threads", type=int, default=1, help="torch threads per job")
