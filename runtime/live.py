@@ -297,7 +297,7 @@ def run_live(
                 summary.dropped_events += n_ev
                 if on_drop is not None:
                     on_drop([w.index for w in drop], n_ev)
-            while pending:
+            while pending and not stop.is_set():  # an interrupt ends the run between windows
                 classify(pending.pop(0))
         if failure is not None:
             summary.end, summary.error = ("closed" if getattr(failure, "closed", False) else "error"), str(failure)

@@ -403,13 +403,23 @@ def test_ctrl_c_ends_with_a_summary(stream_model, tmp_path):
            "--max-backlog", "1000",
            "--json", "--provider", "cpu"]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    rest: dict[str, str] = {}
     try:
         first = proc.stdout.readline()  # the first window: the run is live (the file never ends)
         assert "window" in json.loads(first)
+        # Drain both pipes from threads: readline() may already hold later lines in its buffer
+        # (communicate() would lose them), and a full pipe must never block the process.
+        readers = [threading.Thread(target=lambda k=k: rest.__setitem__(k, getattr(proc, k).read()), daemon=True)
+                   for k in ("stdout", "stderr")]
+        for r in readers:
+            r.start()
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=60)
+        proc.wait(timeout=60)
+        for r in readers:
+            r.join(timeout=30)
     finally:
         proc.kill()
+    out, err = rest["stdout"], rest["stderr"]
     lines = [json.loads(line) for line in [first, *out.splitlines()] if line.strip()]
     summary = lines[-1]["summary"]
     assert proc.returncode == 0, err

@@ -9,7 +9,9 @@ Ctrl-C) a summary: windows, events, p50/p99 latency, dropped windows. The work i
 from __future__ import annotations
 
 import json
+import signal
 import sys
+import threading
 from pathlib import Path
 from typing import Optional
 
@@ -87,11 +89,22 @@ def run_live_command(
         typer.echo(f"# {source.name}: {model.name} (T={clf.timesteps}) on {clf.provider}, windows of {window_ms:g} ms; "
                    "Ctrl-C ends", err=True)
     error = None
+    # Ctrl-C / SIGTERM set a flag that the loop checks between windows, instead of raising
+    # KeyboardInterrupt wherever the main thread happens to be (in the middle of printing a
+    # window, or of onnxruntime): every counted window is printed, and the run ends promptly.
+    stop = threading.Event()
+    handlers = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            handlers[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         summary = run_live(clf, source, int(round(window_ms * 1000)), on_window=on_window, on_drop=on_drop,
-                           max_backlog=max_backlog)
+                           max_backlog=max_backlog, stop=stop)
     except LiveError as e:
         summary, error = getattr(e, "summary", None), str(e)
+    finally:
+        for sig, handler in handlers.items():
+            signal.signal(sig, handler)
     if summary is not None:
         d = summary.to_dict()
         if as_json:
