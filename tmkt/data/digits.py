@@ -9,17 +9,14 @@ saccades of ~100 ms). Everything else is shared with ``mnist`` in ``tmkt.data.bu
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from tmkt.data.builtin import DIGIT_NAMES, SPLIT, BuiltinSet, build_builtin, split_three
-from tmkt.data.spec import DataBundle
+from tmkt.data.builtin import DIGIT_NAMES, SPLIT, BuiltinSet, split_three
 from tmkt.data.static import resize_bilinear
 
 CLASS_NAMES = DIGIT_NAMES
 
-__all__ = ["CLASS_NAMES", "DIGITS", "SPLIT", "build_digits", "digits_images", "split_three"]
+__all__ = ["CLASS_NAMES", "DIGITS", "SPLIT", "digits_images", "split_three"]
 
 
 def digits_images(image_size: int = 32) -> tuple[np.ndarray, np.ndarray]:
@@ -38,19 +35,3 @@ def _halves(labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 DIGITS = BuiltinSet(name="digits", images=digits_images, pools=_halves, image_size=32, input_size=(32, 32))
-
-
-def build_digits(
-    *,
-    timesteps: int,
-    input_size: tuple[int, int] | None = None,
-    event_fraction: float = 1.0,
-    seed: int = 0,
-    cache_dir: str | Path | None = None,
-    options: dict | None = None,
-) -> DataBundle:
-    """The digits pair; arguments as ``tmkt.data.builtin.build_builtin``."""
-    return build_builtin(
-        DIGITS, timesteps=timesteps, input_size=input_size, event_fraction=event_fraction, seed=seed,
-        cache_dir=cache_dir, options=options,
-    )
