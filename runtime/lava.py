@@ -13,9 +13,6 @@ lava's timeline is pipelined: layer k (input = 0) emits frame j of sample n at s
 
 from __future__ import annotations
 
-import subprocess
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +21,9 @@ import numpy as np
 from tmkt.export.netx import read_netx
 from tmkt.export.netx_sim import simulate
 from tmkt.export.quantize import LavaExportError
+from tmkt.runtime.envs import CACHE_ROOT, cached_python, checkout_script, run_npz
 
-DEFAULT_LAVA_ENV = Path.home() / ".cache" / "tmkt" / "lava-env"
-# The folder holding scripts/lava_env.sh and scripts/lava_run.py: the repository root, which this
-# module finds only in a source checkout (runtime/ is installed as tmkt.runtime from there).
-CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_LAVA_ENV = CACHE_ROOT / "lava-env"
 
 
 class LavaError(LavaExportError):
@@ -38,16 +33,7 @@ class LavaError(LavaExportError):
 def lava_python(env_dir: str | Path | None = None, build: bool = True) -> Path:
     """Python of the lava env (default ~/.cache/tmkt/lava-env), built by scripts/lava_env.sh if absent."""
     env = Path(env_dir) if env_dir else DEFAULT_LAVA_ENV
-    py = env / "bin" / "python"
-    if (env / ".tmkt-lava-stamp").exists() and py.exists():
-        return py
-    script = CHECKOUT_ROOT / "scripts" / "lava_env.sh"
-    if not build or not script.exists():
-        raise LavaError(f"no lava environment at {env}; build it with: bash scripts/lava_env.sh {env}")
-    proc = subprocess.run(["bash", str(script), str(env)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise LavaError(f"building the lava environment failed:\n{proc.stderr[-2000:]}")
-    return py
+    return cached_python(env, ".tmkt-lava-stamp", "lava_env.sh", [str(env)], build=build, error=LavaError, what="lava")
 
 
 def run_in_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Path | None = None,
@@ -58,23 +44,13 @@ def run_in_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Path | 
     `[N, K]` membrane of the readout after each sample's last frame, "seconds": wall time}.
     """
     py = lava_python(lava_env)
-    runner = CHECKOUT_ROOT / "scripts" / "lava_run.py"
-    if not runner.exists():
-        raise LavaError(f"{runner} not found: lava verification needs a tmkt source checkout")
+    runner = checkout_script("lava_run.py", LavaError, "lava verification")
     n, t = spikes.shape[:2]
-    with tempfile.TemporaryDirectory(prefix="tmkt-lava-") as tmp:
-        inp, outp = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(inp, spikes=np.asarray(spikes, np.int32), reset_interval=np.int64(t))
-        start = time.perf_counter()
-        proc = subprocess.run([str(py), str(runner), str(path), str(inp), str(outp)], capture_output=True, text=True,
-                              timeout=timeout)
-        seconds = time.perf_counter() - start
-        if proc.returncode != 0:
-            raise LavaError(f"lava-dl run failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
-        with np.load(outp) as z:
-            n_layers = int(z["num_layers"])
-            timelines = [z[f"layer{k}"] for k in range(n_layers)]
-            v_trace = z["readout_v"]
+    out, seconds = run_npz(py, runner, [str(path)], {"spikes": np.asarray(spikes, np.int32), "reset_interval": np.int64(t)},
+                           timeout=timeout, error=LavaError, what="lava-dl run")
+    n_layers = int(out["num_layers"])
+    timelines = [out[f"layer{k}"] for k in range(n_layers)]
+    v_trace = out["readout_v"]
     aligned = [from_lava_timeline(tl, k, t, n) for k, tl in enumerate(timelines)]
     depth = n_layers - 1
     readout_v = np.stack([v_trace[i * t + t - 1 + depth] for i in range(n)])

@@ -11,10 +11,7 @@ graph's on the same frames. What each importer assumes and the differences measu
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -23,11 +20,11 @@ import numpy as np
 from tmkt.errors import TmktError
 from tmkt.export.graph import DeployGraph, run_graph
 from tmkt.export.nir import DT
+from tmkt.runtime.envs import CACHE_ROOT, cached_python, checkout_script, run_npz
 
 FRAMEWORKS = ("norse", "snntorch", "sinabs")
 FLAVOR = {"norse": "default", "snntorch": "default", "sinabs": "sinabs"}  # which file each one reads
 LIGHT_ENVS = ("sinabs",)  # frameworks whose nir pin conflicts with the main env
-CHECKOUT_ROOT = Path(__file__).resolve().parents[1]
 
 
 class NirFrameworkError(TmktError, RuntimeError):
@@ -40,17 +37,9 @@ def framework_python(framework: str, build: bool = True) -> Path:
         raise NirFrameworkError(f"unknown framework {framework!r}; known: {', '.join(FRAMEWORKS)}")
     if framework not in LIGHT_ENVS:
         return Path(sys.executable)
-    env = Path.home() / ".cache" / "tmkt" / f"nir-{framework}"
-    py = env / "bin" / "python"
-    if (env / ".tmkt-nir-stamp").exists() and py.exists():
-        return py
-    script = CHECKOUT_ROOT / "scripts" / "nir_env.sh"
-    if not build or not script.exists():
-        raise NirFrameworkError(f"no {framework} environment at {env}; build it with: bash scripts/nir_env.sh {framework}")
-    proc = subprocess.run(["bash", str(script), framework, str(env)], capture_output=True, text=True)
-    if proc.returncode != 0:
-        raise NirFrameworkError(f"building the {framework} environment failed:\n{proc.stderr[-2000:]}")
-    return py
+    env = CACHE_ROOT / f"nir-{framework}"
+    return cached_python(env, ".tmkt-nir-stamp", "nir_env.sh", [framework, str(env)], build=build,
+                         error=NirFrameworkError, what=framework)
 
 
 def run_framework(framework: str, path: str | Path, frames: np.ndarray, *, dt: float = DT,
@@ -60,21 +49,12 @@ def run_framework(framework: str, path: str | Path, frames: np.ndarray, *, dt: f
     Returns {"step_logits": `[T, B, K]`, "spikes": {lif node: `[T, B, ...]`}, "seconds"}.
     """
     py = framework_python(framework)
-    runner = CHECKOUT_ROOT / "scripts" / "nir_run.py"
-    if not runner.exists():
-        raise NirFrameworkError(f"{runner} not found: running other frameworks needs a tmkt source checkout")
-    with tempfile.TemporaryDirectory(prefix="tmkt-nir-") as tmp:
-        inp, outp = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
-        np.savez(inp, frames=np.asarray(frames, np.float32), dt=np.float64(dt))
-        start = time.perf_counter()
-        proc = subprocess.run([str(py), str(runner), framework, str(path), str(inp), str(outp)],
-                              capture_output=True, text=True, timeout=timeout)
-        if proc.returncode != 0:
-            raise NirFrameworkError(f"{framework} could not run {path}:\n{proc.stderr[-3000:]}")
-        with np.load(outp) as z:
-            logits = z["step_logits"]
-            spikes = {k.split("/", 1)[1]: z[k] for k in z.files if k.startswith("spikes/")}
-    return {"step_logits": logits, "spikes": spikes, "seconds": time.perf_counter() - start}
+    runner = checkout_script("nir_run.py", NirFrameworkError, "running other frameworks")
+    out, seconds = run_npz(py, runner, [framework, str(path)],
+                           {"frames": np.asarray(frames, np.float32), "dt": np.float64(dt)},
+                           timeout=timeout, error=NirFrameworkError, what=f"{framework} on {path}")
+    spikes = {k.split("/", 1)[1]: v for k, v in out.items() if k.startswith("spikes/")}
+    return {"step_logits": out["step_logits"], "spikes": spikes, "seconds": seconds}
 
 
 def compare_framework(graph: DeployGraph, framework: str, path: str | Path, frames: np.ndarray,
