@@ -41,8 +41,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 from tmkt.checkpoint import load_run  # noqa: E402
 from tmkt.data.registry import build_data_for_run  # noqa: E402
 from tmkt.data.static import static_frames  # noqa: E402
-from tmkt.train.losses import alignment_loss, linear_cka_per_step, mag_loss, mrp_loss, tet_loss  # noqa: E402
-from tmkt.train.method import MethodConfig  # noqa: E402
+from tmkt.train.losses import linear_cka_per_step  # noqa: E402
+from tmkt.train.method import MethodConfig, build_method  # noqa: E402
 from tmkt.train.tsm import draw_switch_steps, mix_at_switch, solve_switch_prob  # noqa: E402
 
 PROBE_KEYS = (
@@ -88,32 +88,26 @@ def _ncm(train_feats: torch.Tensor, train_labels: torch.Tensor, feats: torch.Ten
 
 def _grad_terms(model, mcfg: MethodConfig, static: torch.Tensor, events: torch.Tensor, labels: torch.Tensor,
                 eta_weight: float, generator: torch.Generator) -> dict[str, float]:
-    """Gradient norm of each weighted loss term w.r.t. the trunk, and the src/event cosine."""
+    """Gradient norm of each weighted loss term (`MethodLoss.terms`, the training objective's own
+    terms) w.r.t. the trunk, and the src/event cosine. The source stream is fixed so that runs
+    compare: EKT's all static (no replacement), TMKT's mixed at r = 0.5; finetune shows both of
+    its phases' terms; the alignment weight is the run's last logged one."""
     params = [p for p in model.trunk.parameters() if p.requires_grad]
     model.train()
     st, ev = static.transpose(0, 1), events.transpose(0, 1)
-    tet = dict(lam=mcfg.tet_lambda, target=mcfg.tet_target, label_smoothing=mcfg.label_smoothing)
-    t = ev.shape[0]
-    w = torch.full((t,), eta_weight)
-    terms: dict[str, torch.Tensor] = {}
-    out_e = model(ev, head="event")
-    ev_weights = (1.0 - w) if mcfg.name in ("ekt", "tmkt") else None
-    terms["event"] = mcfg.event_loss_weight * tet_loss(out_e["logits"], labels, step_weights=ev_weights, **tet)
-    if mcfg.name in ("ekt", "tmkt", "finetune"):
-        src, mix = st, None
-        if mcfg.name == "tmkt":
-            r = torch.full((len(labels),), 0.5, dtype=torch.float64)
-            mix = mix_at_switch(st, ev, draw_switch_steps(r, t, generator))
-            src = mix.mixed
-        head = "event" if mcfg.name == "finetune" else mcfg.source_head
-        out_s = model(src, head=head, aux=mcfg.name == "tmkt")
-        terms["src"] = mcfg.static_loss_weight * tet_loss(out_s["logits"], labels, **tet)
-        if mcfg.name in ("ekt", "tmkt"):
-            cka = linear_cka_per_step(out_s["membrane"], out_e["membrane"])
-            terms["align"] = mcfg.align_weight * alignment_loss(cka, w)
-        if mix is not None:
-            terms["mag"] = mcfg.mag_weight * mag_loss(out_s["mag"], mix.frame_labels)
-            terms["mrp"] = mcfg.mrp_weight * mrp_loss(out_s["mrp"], mix.mix_ratio)
+    t, batch = ev.shape[0], len(labels)
+    loss_mod = build_method(mcfg, t)
+    with torch.no_grad():
+        w = min(max(eta_weight, 1e-6), 1 - 1e-6)
+        loss_mod.eta.fill_(float(np.log(w / (1 - w))))  # sigmoid(eta) = the logged weight
+    draw = None
+    if mcfg.name == "ekt":
+        draw = torch.zeros(batch, dtype=torch.bool)
+    elif mcfg.name == "tmkt":
+        draw = draw_switch_steps(torch.full((batch,), 0.5, dtype=torch.float64), t, generator)
+    terms, _ = loss_mod.terms(model, st, ev, labels, draw, static_phase=False)
+    if mcfg.name == "finetune":
+        terms.update(loss_mod.terms(model, st, ev, labels, draw, static_phase=True)[0])
     grads = {k: torch.autograd.grad(v, params, retain_graph=True, allow_unused=True) for k, v in terms.items()}
     model.eval()
 

@@ -284,30 +284,45 @@ class MethodLoss(nn.Module):
         draw: torch.Tensor | None,
         static_phase: bool,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """The tensor part of a step. st, ev: ``[T, B, ...]``; draw: ekt's replacement mask
-        ``[B]`` (bool) or tmkt's 0-based switch steps ``[B]`` (long), None otherwise;
-        static_phase: finetune's phase."""
-        name = self.cfg.name
+        """The tensor part of a step: the sum of `terms`, in their order, and the logs."""
+        terms, logs = self.terms(model, st, ev, labels, draw, static_phase)
+        parts = iter(terms.values())
+        loss = next(parts)
+        for part in parts:
+            loss = loss + part
+        return loss, {"loss": _f(loss), **logs}
+
+    def terms(
+        self,
+        model: nn.Module,
+        st: torch.Tensor | None,
+        ev: torch.Tensor,
+        labels: torch.Tensor,
+        draw: torch.Tensor | None,
+        static_phase: bool,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The objective's weighted terms (``event``, ``src``, ``align``, ``mag``, ``mrp``: those the
+        method has; the loss is their sum in this order) and the step's logs. st, ev: ``[T, B, ...]``;
+        draw: ekt's replacement mask ``[B]`` (bool) or tmkt's 0-based switch steps ``[B]`` (long),
+        None otherwise; static_phase: finetune's phase. Diagnostics take gradients of each term."""
+        name, c = self.cfg.name, self.cfg
         if name == "dvs" or (name == "finetune" and not static_phase):
-            return self._dvs(model, ev, labels)
+            out = model(ev, head="event")
+            term = c.event_loss_weight * self._tet(out["logits"], labels)
+            return {"event": term}, {"tet_event": _f(term), "acc_event": _accuracy(out["logits"], labels)}
         if name == "finetune":
             out = model(st, head="event")
-            loss = self.cfg.static_loss_weight * self._tet(out["logits"], labels)
-            return loss, {"loss": _f(loss), "tet_static": _f(loss), "acc_static": _accuracy(out["logits"], labels)}
+            term = c.static_loss_weight * self._tet(out["logits"], labels)
+            return {"src": term}, {"tet_static": _f(term), "acc_static": _accuracy(out["logits"], labels)}
         if name == "ekt":
             src = torch.where(draw.reshape((1, -1) + (1,) * (ev.ndim - 2)), ev, st)
-            loss, _, logs = self._two_streams(model, src, ev, labels, aux=False)
-            return loss, {"loss": _f(loss), **logs}
+            terms, _, logs = self._two_streams(model, src, ev, labels, aux=False)
+            return terms, logs
         return self._tmkt(model, st, ev, labels, draw)
-
-    def _dvs(self, model: nn.Module, ev: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        out = model(ev, head="event")
-        loss = self.cfg.event_loss_weight * self._tet(out["logits"], labels)
-        return loss, {"loss": _f(loss), "tet_event": _f(loss), "acc_event": _accuracy(out["logits"], labels)}
 
     def _two_streams(
         self, model: nn.Module, src: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, aux: bool
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         """Shared by ekt and tmkt: TETs of both streams + weighted CKA alignment of their membranes."""
         c = self.cfg
         with _frozen_bn_stats(model, c.bn_stats == "event"):
@@ -318,13 +333,14 @@ class MethodLoss(nn.Module):
         l_align = alignment_loss(cka, w)
         l_src = self._tet(out_s["logits"], labels)
         l_ev = self._tet(out_e["logits"], labels, step_weights=1.0 - w)
-        loss = c.static_loss_weight * l_src + c.event_loss_weight * l_ev + c.align_weight * l_align
+        terms = {"src": c.static_loss_weight * l_src, "event": c.event_loss_weight * l_ev,
+                 "align": c.align_weight * l_align}
         logs = {
             "tet_mixed": _f(l_src), "tet_event": _f(l_ev), "align": _f(l_align),
             "cka": _f(cka.abs().mean()), "eta_weight": _f(w.mean()),
             "acc_event": _accuracy(out_e["logits"], labels), "acc_mixed": _accuracy(out_s["logits"], labels),
         }
-        return loss, out_s, logs
+        return terms, out_s, logs
 
     def _mix_ratio(self, batch: int, progress: float, generator: torch.Generator) -> torch.Tensor:
         c = self.cfg
@@ -336,17 +352,16 @@ class MethodLoss(nn.Module):
 
     def _tmkt(
         self, model: nn.Module, st: torch.Tensor, ev: torch.Tensor, labels: torch.Tensor, switch_step: torch.Tensor
-    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
         c = self.cfg
         mix = mix_at_switch(st, ev, switch_step)
-        loss, out_m, logs = self._two_streams(model, mix.mixed, ev, labels, aux=True)
+        terms, out_m, logs = self._two_streams(model, mix.mixed, ev, labels, aux=True)
         l_mag = mag_loss(out_m["mag"], mix.frame_labels)
         l_mrp = mrp_loss(out_m["mrp"], mix.mix_ratio)
-        loss = loss + c.mag_weight * l_mag + c.mrp_weight * l_mrp
+        terms.update(mag=c.mag_weight * l_mag, mrp=c.mrp_weight * l_mrp)
         mag_acc = ((out_m["mag"].detach() > 0).to(mix.frame_labels.dtype) == mix.frame_labels).float().mean()
-        return loss, {
-            "loss": _f(loss), **logs, "mag": _f(l_mag), "mrp": _f(l_mrp), "acc_mag": mag_acc,
-            "mix_ratio": _f(mix.mix_ratio.mean()),
+        return terms, {
+            **logs, "mag": _f(l_mag), "mrp": _f(l_mrp), "acc_mag": mag_acc, "mix_ratio": _f(mix.mix_ratio.mean()),
         }
 
 
