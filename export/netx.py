@@ -26,6 +26,7 @@ layers) is the integer logit sum. See docs/loihi.md.
 
 from __future__ import annotations
 
+import io
 import json
 import warnings
 from pathlib import Path
@@ -45,7 +46,7 @@ from tmkt.export.quantize import (
     quantize_graph,
 )
 from tmkt.export.report import ExportReport
-from tmkt.fileio import atomic_path
+from tmkt.fileio import atomic_bytes, atomic_write_bytes, fill
 
 FORMAT = "tmkt-netx/1"
 INPUT_NEURON = CubaParams(i_decay=4096, v_decay=4096, v_th_mant=0)  # a_in >= 1 -> one spike
@@ -208,32 +209,72 @@ def _write_file(f: Any, net: QuantizedNet) -> None:
     _write_meta(f, net)
 
 
-def write_netx(net: QuantizedNet, path: str | Path) -> Path:
-    """Write `net` as netx HDF5 to `path` (atomic: temporary file, then rename), unchecked."""
+def netx_image(net: QuantizedNet) -> bytes:
+    """The netx HDF5 file of `net` as bytes, built in memory: h5py never writes to a disk, so a
+    full disk is one plain write error (`tmkt.fileio.WriteError`) and never reaches HDF5's own
+    error paths (which crash the process in its close)."""
     import h5py
 
-    path = Path(path)
-    with atomic_path(path) as tmp, h5py.File(tmp, "w") as f:
+    buf = io.BytesIO()
+    with h5py.File(buf, "w") as f:
         _write_file(f, net)
+    return buf.getvalue()
+
+
+def write_netx(net: QuantizedNet, path: str | Path) -> Path:
+    """Write `net` as netx HDF5 to `path` (atomic: temporary file, then rename), unchecked.
+    A second writer of the same path at once is refused (`tmkt.fileio.LockedError`)."""
+    path = Path(path)
+    atomic_write_bytes(path, netx_image(net), exclusive=True)
     return path
+
+
+# what a damaged or foreign file makes h5py, numpy and the readers raise
+_READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError,
+                OverflowError, RecursionError)
+MAX_INPUT_VALUES = 2**24  # C x H x W of the input; more is a damaged file, not a network to simulate
+MAX_WEIGHTS = 2**28
 
 
 def read_meta(path: str | Path) -> dict[str, Any]:
     """The tmkt metadata stored in a netx file (`meta/json`)."""
     import h5py
 
-    with h5py.File(path, "r") as f:
-        if "meta" not in f or "json" not in f["meta"]:
-            raise LavaExportError(f"{path}: no tmkt metadata (meta/json); not a tmkt netx export")
-        return json.loads(f["meta/json"][()])
+    try:
+        with h5py.File(path, "r") as f:
+            if "meta" not in f or "json" not in f["meta"]:
+                raise LavaExportError(f"{path}: no tmkt metadata (meta/json); not a tmkt netx export")
+            meta = json.loads(f["meta/json"][()])
+    except LavaExportError:
+        raise
+    except (*_READ_ERRORS, json.JSONDecodeError) as e:
+        raise LavaExportError(f"{path}: not a readable netx file ({type(e).__name__}: {str(e)[:160]})") from None
+    if not isinstance(meta, dict):
+        raise LavaExportError(f"{path}: meta/json must be a JSON object")
+    return meta
 
 
 def read_netx(path: str | Path) -> QuantizedNet:
-    """Read a netx HDF5 file (input/conv/flatten/dense, CUBA) back into a QuantizedNet."""
+    """Read a netx HDF5 file (input/conv/flatten/dense, CUBA) back into a QuantizedNet.
+    A damaged or foreign file raises LavaExportError naming it (and the layer where known);
+    shapes are checked layer to layer (`check_net`), so what loads can be simulated."""
+    try:
+        net = _read_netx(path)
+    except LavaExportError as e:
+        raise e if str(e).startswith(str(path)) else LavaExportError(f"{path}: {e}") from None
+    except (*_READ_ERRORS, json.JSONDecodeError) as e:
+        raise LavaExportError(f"{path}: not a readable netx file ({type(e).__name__}: {str(e)[:160]})") from None
+    check_net(net, path)
+    return net
+
+
+def _read_netx(path: str | Path) -> QuantizedNet:
     import h5py
 
     with h5py.File(path, "r") as f:
         meta = json.loads(f["meta/json"][()]) if "meta" in f and "json" in f["meta"] else {}
+        if not isinstance(meta, dict):
+            raise LavaExportError("meta/json must be a JSON object")
         groups = f["layer"]
         layers: list[QLayer] = []
         shape: tuple[int, ...] = ()
@@ -244,26 +285,59 @@ def read_netx(path: str | Path) -> QuantizedNet:
             kind = _text(group["type"])
             if kind == "input":
                 input_shape = shape = tuple(int(s) for s in group["shape"][()])
+                if len(shape) != 3 or min(shape) < 1 or int(np.prod(shape)) > MAX_INPUT_VALUES:
+                    raise LavaExportError(f"layer {i}: input shape {shape} is not (C, H, W) of a usable size")
                 neuron = _read_neuron(group["neuron"])
                 if neuron != INPUT_NEURON:
-                    raise LavaExportError(f"{path}: layer 0: input neuron {neuron} is not the pass-through {INPUT_NEURON}")
+                    raise LavaExportError(f"layer 0: input neuron {neuron} is not the pass-through {INPUT_NEURON}")
             elif kind == "flatten":
                 flatten = True
             elif kind in _READERS:
+                if not shape:
+                    raise LavaExportError(f"layer {i}: a {kind} layer before the input layer")
                 layers.append(_READERS[kind](group, i, shape, flatten, i == len(groups) - 1))
                 shape, flatten = layers[-1].out_shape, False
             else:
-                raise LavaExportError(f"{path}: layer {i}: type {kind!r} is not simulated")
+                raise LavaExportError(f"layer {i}: type {kind!r} is not simulated")
     return QuantizedNet(input_shape, layers, meta)  # type: ignore[arg-type]
 
 
-def _record_check(path: Path, net: QuantizedNet) -> None:
-    """Replace `meta/json` of the file at `path` with `net`'s metadata (after a file check)."""
-    import h5py
-
-    with h5py.File(path, "a") as f:
-        del f["meta/json"]
-        f["meta"].create_dataset("json", data=json.dumps(_meta(net), sort_keys=True))
+def check_net(net: QuantizedNet, path: str | Path) -> None:
+    """Raise LavaExportError naming `path` and the layer unless every layer's weight, bias and
+    shapes fit its input (what the simulator and lava-dl need to run the file)."""
+    if not net.layers:
+        raise LavaExportError(f"{path}: no synaptic layers")
+    t = net.meta.get("timesteps", 1)
+    if not isinstance(t, int) or isinstance(t, bool) or not 1 <= t <= 100_000:
+        raise LavaExportError(f"{path}: meta/json field 'timesteps' must be an integer in 1..100000, got {t!r}"[:200])
+    total = 0
+    for i, q in enumerate(net.layers, start=1):
+        where = f"{path}: layer {q.name!r}"
+        w = q.weight
+        total += w.size
+        if total > MAX_WEIGHTS:
+            raise LavaExportError(f"{where}: over {MAX_WEIGHTS:,} weights in all; not a network to simulate")
+        n_out = w.shape[0] if w.ndim else 0
+        if q.bias.shape != (n_out,):
+            raise LavaExportError(f"{where}: bias of shape {q.bias.shape} for {n_out} outputs")
+        nrn = q.neuron
+        if not (0 <= nrn.i_decay <= 4096 and 0 <= nrn.v_decay <= 4096 and 0 <= nrn.v_th_mant < 2**17
+                and 0 <= nrn.ref_delay < 2**16):
+            raise LavaExportError(f"{where}: CUBA parameters {nrn} outside Loihi's ranges")
+        if q.kind == "dense":
+            if w.ndim != 2 or w.shape[1] != int(np.prod(q.in_shape)):
+                raise LavaExportError(f"{where}: dense weight {w.shape} does not take the {q.in_shape} input")
+            continue
+        g = q.geometry
+        if w.ndim != 4 or len(q.in_shape) != 3 or g.groups < 1 or w.shape[0] % g.groups or w.shape[1] * g.groups != q.in_shape[0]:
+            raise LavaExportError(f"{where}: conv weight {w.shape} (groups {g.groups}) does not take the {q.in_shape} input")
+        if min(g.stride) < 1 or min(g.dilation) < 1 or min(g.padding) < 0:
+            raise LavaExportError(f"{where}: stride, dilation and padding must be positive, got {g}")
+        out = [w.shape[0]]
+        for size, k, s, p, d in zip(q.in_shape[1:], w.shape[2:], g.stride, g.padding, g.dilation):
+            out.append((size + 2 * p - d * (k - 1) - 1) // s + 1)
+        if tuple(out) != tuple(q.out_shape) or min(out) < 1:
+            raise LavaExportError(f"{where}: stored output shape {tuple(q.out_shape)}, the convolution gives {tuple(out)}")
 
 
 # ---------------------------------------------------------------- checks
@@ -388,18 +462,16 @@ def export_netx(
     checks[f"simulator vs float on {spikes.shape[1]} inputs"] = f"{agreement:.0%} agree"
     figures["float_agreement"] = agreement
     path = Path(path)
-    with atomic_path(path) as tmp:
-        import h5py
-
-        with h5py.File(tmp, "w") as f:
-            _write_file(f, net)
+    # built in memory, written by a plain write (a full disk is one named error), locked against a
+    # second writer of `path`, checked in place before the rename
+    with atomic_bytes(path, netx_image(net), exclusive=True) as tmp:
         if verify:
             check_readback(net, read_netx(tmp))
             checks["netx read-back"] = "identical"
         if verify and lava_check is not None:
             lava = lava_check(tmp, spikes.transpose(1, 0, 2, 3, 4))
             net.meta["check"]["lava"] = {k: lava[k] for k in ("layers", "spikes", "samples")} | {"identical": True}
-            _record_check(tmp, net)
+            fill(tmp, netx_image(net))  # the same file with the lava-dl check in meta/json
             checks["lava-dl vs simulator"] = "identical"
             figures["lava"] = dict(lava)
         else:

@@ -49,7 +49,7 @@ from tmkt.export.graph import (
     run_graph,
 )
 from tmkt.export.report import ExportReport, ExportVerificationError
-from tmkt.fileio import atomic_path
+from tmkt.fileio import atomic_bytes
 
 DT = 1e-4  # seconds per time step written into the file: snntorch's fixed dt (norse: from_nir(g, dt=1e-4))
 FLAVORS = ("default", "sinabs")
@@ -319,10 +319,9 @@ def export_nir(graph: DeployGraph, path: str | Path, *, verify: bool = True, fla
     path = Path(path)
     checks = {"NIR read-back vs deploy graph": "skipped"}
     figures: dict[str, Any] = {}
-    with atomic_path(path) as tmp:
-        nir.write(tmp, graph_to_nir(graph, dt=dt, flavor=flavor))
-        if flavor == "sinabs":
-            _as_nir_104(tmp)
+    # built in memory (h5py never meets a full disk), written by a plain write, locked against a
+    # second writer of `path`, checked in place before the rename
+    with atomic_bytes(path, nir_image(graph, dt=dt, flavor=flavor), exclusive=True) as tmp:
         if verify:
             figures = compare_readback(graph, read_nir(tmp))
             if figures["max_abs_logit_diff"] > 1e-6 or not figures["spikes_identical"]:
@@ -336,7 +335,18 @@ def export_nir(graph: DeployGraph, path: str | Path, *, verify: bool = True, fla
     return ExportReport("nir", path, f"{len(graph.nodes)} nodes, dt = {dt:g} s per step, flavour {flavor}", checks, figures)
 
 
-def _as_nir_104(path: Path) -> None:
+def nir_image(graph: DeployGraph, *, dt: float = DT, flavor: str = "default") -> bytes:
+    """The NIR HDF5 file of `graph` as bytes, built in memory."""
+    import io
+
+    buf = io.BytesIO()
+    nir.write(buf, graph_to_nir(graph, dt=dt, flavor=flavor))
+    if flavor == "sinabs":
+        _as_nir_104(buf)
+    return buf.getvalue()
+
+
+def _as_nir_104(path: Path | Any) -> None:
     """Drop what nir <= 1.0.4 (sinabs 3.1.3's pin) cannot read: nir >= 1.0.5 writes a LIF's v_reset
     even when it is not given, and 1.0.4's LIF takes no such argument."""
     import h5py

@@ -40,7 +40,7 @@ from torch import nn
 from tmkt.export.graph import Conv2d, Dense, DeployGraph, init_state, lif_charge, step_graph
 from tmkt.export.metadata import MetadataError, decode_metadata, encode_metadata, graph_metadata
 from tmkt.export.report import ExportError, ExportReport, ExportVerificationError
-from tmkt.fileio import atomic_path
+from tmkt.fileio import atomic_bytes
 
 MODES = ("unrolled", "stream")
 DEFAULT_OPSET = 17
@@ -225,8 +225,7 @@ def export_onnx(
     path = Path(path)
     checks = {"onnx.checker": "ok", "onnxruntime vs PyTorch": "skipped"}
     figures: dict[str, Any] = {}
-    with atomic_path(path, suffix=".onnx") as tmp:
-        tmp.write_bytes(data)
+    with atomic_bytes(path, data, suffix=".onnx", exclusive=True) as tmp:  # one writer of `path` at a time
         onnx.checker.check_model(str(tmp), full_check=True)
         if verify:
             report = verify_onnx(graph, tmp)

@@ -206,12 +206,13 @@ def profile(
     doc = profile_dict(prof, estimates, meta)
     if nb_doc is not None:
         doc["neurobench"] = nb_doc
-    try:
-        if json_out is not None:
-            write_json(json_out, doc)
-            console.print(f"wrote {json_out}")
-        if plot is not None:
-            plot_profile(prof, estimates, plot)
-            console.print(f"wrote {plot}")
-    except OSError as e:
-        fail(f"cannot write: {e}")
+    for out, write in ((json_out, lambda p: write_json(p, doc)), (plot, lambda p: plot_profile(prof, estimates, p))):
+        if out is None:
+            continue
+        try:
+            write(out)  # the JSON goes through tmkt.fileio: a failure is one WriteError naming the file
+        except TmktError as e:
+            fail(str(e))
+        except OSError as e:
+            fail(f"{out}: cannot write ({e.strerror or e})")
+        console.print(f"wrote {out}")

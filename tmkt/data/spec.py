@@ -27,9 +27,52 @@ from dataclasses import asdict, dataclass
 import numpy as np
 
 from tmkt.data.binning import to_frames
+from tmkt.errors import TmktError
 
 DEFAULT_BINNING = {"by": "time", "binary": False, "shift_to_origin": False, "resize": "events"}
 LEGACY_RESIZE = "frames"  # specs stored before the "resize" key existed resized frames
+# Limits that keep a spec (possibly read from a damaged or hostile config.json) from asking for
+# frames that cannot fit in memory: T, and the float32 elements of one sample [T, 2, H, W]
+# (2**26 elements = 256 MiB per sample).
+MAX_TIMESTEPS = 10_000
+MAX_SAMPLE_ELEMENTS = 2**26
+MAX_SIDE = 16_384
+
+
+class SpecError(TmktError, ValueError):
+    """A DataSpec field that cannot be used; `field` names it (e.g. ``input_size``)."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        super().__init__(f"field {field!r} {reason}")
+        self.field = field
+        self.reason = reason
+
+
+def _is_int(v: object) -> bool:
+    return isinstance(v, (int, np.integer)) and not isinstance(v, (bool, np.bool_))
+
+
+def _ints(key: str, value: object, n: int, upper: int) -> tuple[int, ...]:
+    if not isinstance(value, (list, tuple)) or len(value) != n or not all(_is_int(v) for v in value):
+        raise SpecError(key, f"must be a list of {n} integers, got {value!r}"[:200])
+    if not all(1 <= v <= upper for v in value):
+        raise SpecError(key, f"must hold integers in 1..{upper}, got {list(value)}")
+    return tuple(int(v) for v in value)
+
+
+def _check_binning(binning: object) -> None:
+    if not isinstance(binning, dict):
+        raise SpecError("binning", f"must be a mapping, got {binning!r}"[:200])
+    unknown = set(binning) - set(DEFAULT_BINNING)
+    if unknown:
+        raise SpecError("binning", f"has unknown keys {sorted(map(str, unknown))}; known: {sorted(DEFAULT_BINNING)}")
+    if binning.get("by", "time") not in ("time", "count"):
+        raise SpecError("binning.by", f"must be 'time' or 'count', got {binning['by']!r}")
+    if binning.get("resize", "events") not in ("events", "frames"):
+        raise SpecError("binning.resize", f"must be 'events' or 'frames', got {binning['resize']!r}")
+    for key in ("binary", "shift_to_origin"):
+        if key in binning and not isinstance(binning[key], bool):
+            raise SpecError(f"binning.{key}", f"must be true or false, got {binning[key]!r}")
 
 
 @dataclass(frozen=True)
@@ -40,8 +83,11 @@ class DataSpec:
     class_names: label index -> name.
     sensor_size: ``(W, H, 2)`` of the recordings, tonic's order.
     input_size: ``(H, W)`` of the frames the network sees.
-    timesteps: T, the number of frames per sample.
+    timesteps: T, the number of frames per sample (1..``MAX_TIMESTEPS``).
     binning: how events become frames (see the module docstring); JSON-serialisable.
+
+    A sample ``[T, 2, H, W]`` may hold at most ``MAX_SAMPLE_ELEMENTS`` values. Every field is
+    checked on construction; a bad one raises ``SpecError`` naming it.
     """
 
     name: str
@@ -52,17 +98,21 @@ class DataSpec:
     binning: dict
 
     def __post_init__(self) -> None:
+        _check_binning(self.binning)
         # every spec names its resize, so that to_dict/from_dict cannot mistake it for a legacy one
         object.__setattr__(self, "binning", {"resize": DEFAULT_BINNING["resize"], **self.binning})
-        unknown = set(self.binning) - set(DEFAULT_BINNING)
-        if unknown:
-            raise ValueError(f"unknown binning keys {sorted(unknown)}; known: {sorted(DEFAULT_BINNING)}")
-        if self.binning.get("by", "time") not in ("time", "count"):
-            raise ValueError(f"binning 'by' must be 'time' or 'count', got {self.binning['by']!r}")
-        if self.binning.get("resize", "events") not in ("events", "frames"):
-            raise ValueError(f"binning 'resize' must be 'events' or 'frames', got {self.binning['resize']!r}")
-        if self.timesteps < 1:
-            raise ValueError(f"timesteps must be >= 1, got {self.timesteps}")
+        if not isinstance(self.name, str):
+            raise SpecError("name", f"must be a string, got {self.name!r}"[:200])
+        if not self.class_names or not all(isinstance(c, str) for c in self.class_names):
+            raise SpecError("class_names", "must be a non-empty list of strings")
+        _ints("sensor_size", self.sensor_size, 3, MAX_SIDE)
+        h, w = _ints("input_size", self.input_size, 2, MAX_SIDE)
+        t = self.timesteps
+        if not _is_int(t) or not 1 <= t <= MAX_TIMESTEPS:
+            raise SpecError("timesteps", f"must be an integer in 1..{MAX_TIMESTEPS}, got {t!r}"[:200])
+        if t * 2 * h * w > MAX_SAMPLE_ELEMENTS:
+            raise SpecError("timesteps", f"{t} frames of 2 x {h} x {w} make {t * 2 * h * w:,} values per sample, "
+                            f"over the limit of {MAX_SAMPLE_ELEMENTS:,}")
 
     def to_dict(self) -> dict:
         """JSON-ready dict (tuples become lists)."""
@@ -75,13 +125,21 @@ class DataSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> DataSpec:
-        """Inverse of ``to_dict``."""
+        """Inverse of ``to_dict``; a missing or malformed field raises ``SpecError`` naming it."""
+        if not isinstance(d, dict):
+            raise SpecError("data", f"must be a mapping, got {type(d).__name__}")
+        for key in ("name", "class_names", "sensor_size", "input_size", "timesteps", "binning"):
+            if key not in d:
+                raise SpecError(key, "is missing")
+        if not isinstance(d["class_names"], list):
+            raise SpecError("class_names", "must be a list of strings")
+        _check_binning(d["binning"])
         return cls(
-            name=str(d["name"]),
-            class_names=tuple(str(c) for c in d["class_names"]),
-            sensor_size=tuple(int(v) for v in d["sensor_size"]),
-            input_size=tuple(int(v) for v in d["input_size"]),
-            timesteps=int(d["timesteps"]),
+            name=d["name"],
+            class_names=tuple(d["class_names"]),
+            sensor_size=_ints("sensor_size", d["sensor_size"], 3, MAX_SIDE),
+            input_size=_ints("input_size", d["input_size"], 2, MAX_SIDE),
+            timesteps=d["timesteps"],
             binning={"resize": LEGACY_RESIZE, **d["binning"]},
         )
 

@@ -6,26 +6,28 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Callable
+from contextlib import ExitStack
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file
 from torch import nn
 
-from tmkt.checkpoint import CONFIG_NAME, CheckpointError
+from tmkt.checkpoint import CONFIG_NAME, FILES_FIELD, CheckpointError, model_state, read_config, read_weights, save_run
+from tmkt.fileio import exclusive_lock
 from tmkt.models import ModelConfig, build_model
 from tmkt.train import distributed as dist_utils
 from tmkt.train.config import TrainConfig, config_from_dict
 from tmkt.train.errors import TrainingDataError, TrainingError
-from tmkt.train.metrics import METRICS_NAME, tensorboard, truncate_metrics
+from tmkt.train.metrics import METRICS_NAME, metrics_record, tensorboard, truncate_metrics
 from tmkt.train.resume import RESUME_MUTABLE, RESUME_NAME, load_resume_state, restore_training_state
 from tmkt.train.step import Objective, make_optimizer
 
 LAST_NAME = "last.safetensors"
 BEST_NAME = "model.safetensors"
+LOCK_NAME = ".tmkt.lock"  # held (flock) by the process that writes the run directory
 
 
 def resolve_device(name: str) -> torch.device:
@@ -53,7 +55,7 @@ def resume_config(run_dir: str | Path, overrides: dict[str, Any] | None = None) 
     _, state = load_resume_state(run_dir)
     try:
         cfg = config_from_dict(state["config"])
-    except ValueError as e:
+    except (ValueError, TypeError) as e:
         raise CheckpointError(f"{Path(run_dir) / RESUME_NAME}: field 'state.config': {e}") from None
     changes = {k: v for k, v in (overrides or {}).items() if v is not None}
     fixed = sorted(k for k in changes if k not in RESUME_MUTABLE)
@@ -120,10 +122,27 @@ class TrainingRun:
         return int(round(self.cfg.warmup_epochs * self.steps_per_epoch))
 
 
+def lock_run_dir(run_dir: Path, info: dist_utils.DistInfo, held: ExitStack) -> None:
+    """Hold the run directory's lock (rank 0, the only writer) until `held` closes; a second
+    process writing the same directory is refused with the holder's pid (`LockedError`)."""
+    if not info.is_main:
+        return
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    except FileExistsError:
+        raise TrainingError(f"--out {run_dir} is a file; the run directory must be a folder") from None
+    except OSError as e:
+        raise TrainingError(f"{run_dir}: cannot create the run directory ({e.strerror or e})") from None
+    held.enter_context(exclusive_lock(run_dir / LOCK_NAME, f"run directory {run_dir}"))
+
+
 def _checked_resume(resume: str | Path, cfg: TrainConfig, info: dist_utils.DistInfo):
     """The resume file of run `resume`, refused when `cfg` or the process count differ from it."""
     tensors, state = load_resume_state(resume)
-    stored = config_from_dict(state["config"]).resolved()
+    try:
+        stored = config_from_dict(state["config"]).resolved()
+    except (ValueError, TypeError) as e:
+        raise CheckpointError(f"{Path(resume) / RESUME_NAME}: field 'state.config': {e}") from None
     diff = [f.name for f in fields(TrainConfig) if f.name not in RESUME_MUTABLE and getattr(stored, f.name) != getattr(cfg, f.name)]
     if diff:
         raise TrainingError(f"{resume}: settings differ from the stored run: {', '.join(diff)}")
@@ -135,9 +154,11 @@ def _checked_resume(resume: str | Path, cfg: TrainConfig, info: dist_utils.DistI
     return tensors, state
 
 
-def _new_run_dir(cfg: TrainConfig, info: dist_utils.DistInfo, device: torch.device, overwrite: bool) -> Path:
+def _new_run_dir(cfg: TrainConfig, info: dist_utils.DistInfo, device: torch.device, overwrite: bool,
+                 held: ExitStack) -> Path:
     run_dir = Path(cfg.out) if cfg.out else default_run_dir(cfg.method.name)
     run_dir = Path(dist_utils.broadcast_text(str(run_dir), info, device))
+    lock_run_dir(run_dir, info, held)  # before the check, so that two fresh runs cannot both pass it
     if not overwrite and (run_dir / CONFIG_NAME).exists():
         raise TrainingError(
             f"{run_dir} already holds a run; continue it with --resume {run_dir}, "
@@ -200,13 +221,21 @@ def _objective(model: nn.Module, method: nn.Module, device: torch.device, info: 
 
 
 def set_up(cfg: TrainConfig, device: torch.device, info: dist_utils.DistInfo, console, say,
-            resume: str | Path | None, overwrite: bool) -> TrainingRun:
-    """Stage 1: run directory, data, network, method loss, optimizer; the resume state if any."""
+            resume: str | Path | None, overwrite: bool, held: ExitStack) -> TrainingRun:
+    """Stage 1: run directory (locked until `held` closes), data, network, method loss,
+    optimizer; the resume state if any."""
     if cfg.batch_size % info.world_size:
         raise TrainingError(f"batch_size {cfg.batch_size} must be divisible by the {info.world_size} processes")
     per_rank_batch = cfg.batch_size // info.world_size
-    resumed = _checked_resume(resume, cfg, info) if resume is not None else None
-    run_dir = Path(resume) if resume is not None else _new_run_dir(cfg, info, device, overwrite)
+    if resume is not None:
+        run_dir = Path(resume)
+        if not run_dir.is_dir():
+            raise CheckpointError(f"{run_dir}: not a run directory")
+        lock_run_dir(run_dir, info, held)
+        resumed = _checked_resume(resume, cfg, info)
+    else:
+        resumed = None
+        run_dir = _new_run_dir(cfg, info, device, overwrite, held)
     bundle = _build_data(cfg)
     model, method = _build_network(cfg, bundle, device)
     params = [p for p in model.parameters() if p.requires_grad] + [p for p in method.parameters() if p.requires_grad]
@@ -228,20 +257,95 @@ def set_up(cfg: TrainConfig, device: torch.device, info: dist_utils.DistInfo, co
         "train": {**cfg.to_dict(), "world_size": info.world_size, "device_type": device.type},
         "metrics": {},
     }
-    if run.best["epoch"] is not None and (run_dir / BEST_NAME).exists():
-        run.best_state = load_file(str(run_dir / BEST_NAME))
+    if resumed is not None:
+        _rewrite_run_files(run)
     run.tb = tensorboard(run_dir) if info.is_main else None
     _announce(run)
     return run
 
 
 def _continue_from(run: TrainingRun, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
-    restore_training_state(tensors, state, run.model, run.method, run.optimizer, run.device)
-    run.start_epoch, run.start_step = state["epoch"], state["step_in_epoch"]
+    """Restore the checked resume state: weights, method, optimizer, counters, the best weights."""
+    path = run.run_dir / RESUME_NAME
+    restore_training_state(tensors, state, run.model, run.method, run.optimizer, run.device, path)
+    spe = run.steps_per_epoch
+    epoch, step = state["epoch"], state["step_in_epoch"]
+    if epoch > run.cfg.epochs or step > spe or (epoch == run.cfg.epochs and step):
+        raise CheckpointError(f"{path}: field 'state.epoch'/'state.step_in_epoch' ({epoch}, {step}) lies outside the "
+                              f"run's {run.cfg.epochs} epochs of {spe} steps")
+    if state["global_step"] != epoch * spe + step:
+        raise CheckpointError(f"{path}: field 'state.global_step' is {state['global_step']}, but epoch {epoch} and "
+                              f"step {step} of {spe} steps per epoch make {epoch * spe + step}")
+    if state.get("metrics_lines") != epoch:
+        raise CheckpointError(f"{path}: field 'state.metrics_lines' must equal state.epoch ({epoch}), got "
+                              f"{state.get('metrics_lines')!r}")
+    run.start_epoch, run.start_step = epoch, step
     run.global_step, run.best, run.metrics_lines = state["global_step"], state["best"], state["metrics_lines"]
+    run.best_state = _resumed_best(run, tensors, state)
+    _check_same_run(run)
     if run.info.is_main:
         truncate_metrics(run.run_dir / METRICS_NAME, state["metrics_lines"])
     run.say(f"[bold]resuming[/] {run.run_dir} at epoch {run.start_epoch + 1}, step {run.start_step}")
+
+
+def _resumed_best(run: TrainingRun, tensors: dict[str, torch.Tensor], state: dict[str, Any]):
+    """The best weights so far: the resume file's own copy (`best.*`); for a resume file written
+    before it kept one, model.safetensors, checked. Never the current weights in their place."""
+    path = run.run_dir / RESUME_NAME
+    best = {k[5:]: v for k, v in tensors.items() if k.startswith("best.")}
+    epoch = state["best"]["epoch"]
+    if epoch is None:
+        if best:
+            raise CheckpointError(f"{path}: holds best.* weights but field 'state.best.epoch' is null")
+        return None
+    if best:
+        return best
+    if "tensor_names" in state:  # this file format always stores the best weights once there are some
+        raise CheckpointError(f"{path}: the best weights (epoch {epoch}) are missing from the file (tensors best.*)")
+    wpath = run.run_dir / BEST_NAME
+    if not wpath.exists():
+        raise CheckpointError(f"{wpath}: missing; the run's best weights (epoch {epoch}) were there and the resume "
+                              "state (written before it kept a copy) has none: cannot resume without them")
+    try:
+        recorded = read_config(run.run_dir).get(FILES_FIELD, {}).get(BEST_NAME)
+    except CheckpointError:
+        recorded = None
+    state_dict, _ = read_weights(wpath, model_state(run.model), recorded=recorded)
+    return state_dict
+
+
+def _check_same_run(run: TrainingRun) -> None:
+    """Refuse a run directory whose config.json describes another network or data than its resume
+    state (files of two runs mixed). A damaged or missing config.json is only rewritten."""
+    if not (run.run_dir / CONFIG_NAME).exists():
+        return
+    try:
+        stored = read_config(run.run_dir)
+    except CheckpointError as e:
+        run.say(f"[yellow]note[/]: {e}; it is rewritten from the resume state")
+        return
+    spec = run.bundle.spec.to_dict()
+    pairs = [(f"model.{k}", stored["model"].get(k), v) for k, v in run.model.cfg.to_dict().items()]
+    pairs += [(f"data.{k}", stored["data"].get(k), spec[k]) for k in ("name", "class_names", "input_size", "timesteps")]
+    for key, a, b in pairs:
+        if a != b:
+            raise TrainingError(
+                f"{run.run_dir}: {CONFIG_NAME} and {RESUME_NAME} describe different runs ({key}: {a!r} vs {b!r}); "
+                "refusing to resume"
+            )
+
+
+def _rewrite_run_files(run: TrainingRun) -> None:
+    """Make model.safetensors, last.safetensors and config.json agree with the resume state at once
+    (a kill between two writes of the last save, a deleted or damaged weights file): the best
+    weights (or, before any validation, the current ones) and the current weights, recorded."""
+    if not run.info.is_main:
+        return
+    run.record["metrics"] = metrics_record(run.best, run.metrics_lines)
+    current = model_state(run.model)
+    save_run(run.run_dir, run.model, run.record, weights_name=BEST_NAME,
+             state=run.best_state if run.best_state is not None else current)
+    save_run(run.run_dir, run.model, run.record, weights_name=LAST_NAME)
 
 
 def _announce(run: TrainingRun) -> None:

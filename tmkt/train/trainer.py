@@ -25,6 +25,12 @@ current step finishes, `last.safetensors` and the resume state are written, and
 `TrainingInterrupted` is raised (the CLI exits with 130). A second Ctrl-C aborts at once;
 the files of the previous save stay valid because every write is atomic.
 
+One writer per run directory: `set_up` takes the directory's lock (`.tmkt.lock`, flock) before
+anything is written and `train` holds it to the end; a second `tmkt train` on the same
+directory is refused with the holder's pid. The resume state keeps its own copy of the best
+weights, and a resumed run first rewrites model.safetensors, last.safetensors and config.json
+from it, so the directory's files agree again after any interruption.
+
 Distributed: under torchrun each rank trains on a `DistributedSampler` shard; the network
 and the method loss are wrapped together in one `DistributedDataParallel` module, so the two
 forward passes per step (event and mixed streams) and the method's parameters are all in
@@ -37,6 +43,7 @@ from __future__ import annotations
 import math
 import signal
 import time
+from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -126,8 +133,8 @@ def train(
     console = console if console is not None else Console()
     say = console.print if info.is_main else (lambda *a, **k: None)
     try:
-        with deterministic(device.type == "cpu"):
-            run = set_up(cfg, device, info, console, say, resume, overwrite)
+        with deterministic(device.type == "cpu"), ExitStack() as held:  # held: the run directory's lock
+            run = set_up(cfg, device, info, console, say, resume, overwrite, held)
             with catch_stop_signals() as stop:
                 for epoch in range(run.start_epoch, cfg.epochs):
                     _train_epoch(run, epoch, stop)
@@ -157,7 +164,7 @@ def _save_checkpoint(run: TrainingRun, epoch: int, step_in_epoch: int, partial_s
     if run.best["epoch"] is None:
         save_run(run.run_dir, run.model, run.record, weights_name=BEST_NAME)  # so the run directory always loads
     save_run(run.run_dir, run.model, run.record, weights_name=LAST_NAME)
-    tensors, rest = resume_tensors(model_state(run.model), run.method, run.optimizer, rng)
+    tensors, rest = resume_tensors(model_state(run.model), run.method, run.optimizer, rng, run.best_state)
     state = {
         "config": run.cfg.to_dict(),
         "epoch": epoch,
