@@ -22,11 +22,12 @@ the network sees the frames as they are.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import numpy as np
 
-from tmkt.data.binning import to_frames
+from tmkt.data.binning import MAX_FRAME_BYTES, bin_events
 from tmkt.errors import TmktError
 
 DEFAULT_BINNING = {"by": "time", "binary": False, "shift_to_origin": False, "resize": "events"}
@@ -144,39 +145,34 @@ class DataSpec:
         )
 
 
-def frames_from_events(events: np.ndarray, spec: DataSpec) -> np.ndarray:
+def frames_from_events(
+    events: np.ndarray | Sequence[np.ndarray], spec: DataSpec, *, max_bytes: int | None = MAX_FRAME_BYTES
+) -> np.ndarray:
     """Bin one recording as the data sets of ``spec`` do.
 
     Args:
-        events: ``[N]`` structured array with x, y, t (us), p (EVENT_DTYPE or tonic's).
+        events: ``[N]`` structured array with x, y, t (us), p (EVENT_DTYPE or tonic's); or a
+            sequence of such arrays of one dtype (a live window's packets), binned as their
+            concatenation without building it.
         spec: the data set's spec (from ``build_data`` or a checkpoint).
+        max_bytes: ``FrameSizeError`` when the frames would need more memory (see
+            ``tmkt.data.binning``); None for no limit.
 
     Returns:
         float32 ``[T, 2, H, W]`` with ``T = spec.timesteps``, ``(H, W) = spec.input_size``.
     """
     binning = {**DEFAULT_BINNING, **spec.binning}
-    events = np.asarray(events)
-    w, h = spec.sensor_size[0], spec.sensor_size[1]
-    if len(events):
-        x = events["x"].astype(np.int64)
-        y = events["y"].astype(np.int64)
-        if binning["shift_to_origin"]:
-            x = x - x.min()
-            y = y - y.min()
-        keep = (x >= 0) & (x < w) & (y >= 0) & (y < h)
-        shifted = np.empty(int(keep.sum()), dtype=[("x", "<i8"), ("y", "<i8"), ("t", "<i8"), ("p", "u1")])
-        shifted["x"], shifted["y"] = x[keep], y[keep]
-        shifted["t"] = events["t"][keep]
-        shifted["p"] = np.asarray(events["p"])[keep] > 0
-        events = shifted
-    return to_frames(
+    return bin_events(
         events,
-        (w, h, 2),
+        spec.sensor_size[:2],
         spec.timesteps,
         by=binning["by"],
         binary=bool(binning["binary"]),
         out_size=tuple(spec.input_size),
         resize=binning["resize"],
+        outside="drop",
+        shift_to_origin=bool(binning["shift_to_origin"]),
+        max_bytes=max_bytes,
     )
 
 
