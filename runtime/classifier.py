@@ -136,10 +136,10 @@ class EventClassifier:
 
     def __init__(self, model_path: str | os.PathLike, provider: str = "auto", threads: int | None = None) -> None:
         from tmkt.export.metadata import data_spec
-        from tmkt.export.onnx import read_onnx_metadata
+        from tmkt.runtime.model_check import check_model_file
 
         self.path = str(model_path)
-        self.metadata = read_onnx_metadata(self.path)
+        self.metadata = check_model_file(self.path)  # file, metadata and graph checked before onnxruntime
         self.spec = data_spec(self.metadata)
         self.mode: str = self.metadata["mode"]
         self.timesteps: int = int(self.metadata["timesteps"])

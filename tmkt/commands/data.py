@@ -9,31 +9,17 @@ from tmkt.commands import fail
 data_app = typer.Typer(help="Inspect event recordings and emulate a DVS over image folders.", no_args_is_help=True)
 
 
-@data_app.command("info")
-def info(
-    path: str = typer.Argument(..., help="Event file: .bin .aedat4 .npy .npz .h5 .raw .dat"),
-    as_json: bool = typer.Option(False, "--json", help="Print the summary as JSON."),
-) -> None:
-    """Summarize an event recording: events, duration, rate, sensor size, ON/OFF balance."""
-    import json
+MAX_EXPANSION_HELP = (
+    "Refuse a compressed .npz/.h5 whose arrays declare more than this many times the bytes it stores "
+    "(a decompression bomb); raise it for a genuine, extremely compressible file."
+)
 
-    from tmkt.data.events import EventFileError, read_events, summarize
 
-    from pathlib import Path
-
-    if Path(path).is_dir():
-        fail(f"{path} is a folder; give one event file")
-    try:
-        summary = summarize(read_events(path))
-    except EventFileError as exc:
-        fail(str(exc))
-    if as_json:
-        typer.echo(json.dumps(summary, indent=2))
-        return
+def _print_table(summary: dict) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=path, show_header=False)
+    table = Table(title=summary["path"], show_header=False)
     table.add_column("field", style="bold")
     table.add_column("value", justify="right")
     w, h, _ = summary["sensor_size"]
@@ -50,6 +36,53 @@ def info(
     for name, value in rows:
         table.add_row(name, value)
     Console().print(table)
+
+
+@data_app.command("info")
+def info(
+    paths: list[str] = typer.Argument(..., help="Event files: .bin .aedat4 .npy .npz .h5 .raw .dat"),
+    as_json: bool = typer.Option(
+        False, "--json", help="Print the summary as JSON (a list of summaries when several files are given)."
+    ),
+    max_expansion: float = typer.Option(100.0, "--max-expansion", min=1.0, help=MAX_EXPANSION_HELP),
+) -> None:
+    """Summarize event recordings: events, duration, rate, sensor size, ON/OFF balance.
+
+    Files are read a chunk at a time (memory does not grow with their length). A file that
+    cannot be read is reported on its own line (error: FILE: fault) and the others are still
+    summarized; the exit code is then 1."""
+    import json
+    import warnings
+
+    from tmkt.data.events import ReadLimits, scan_events
+    from tmkt.errors import TmktError
+
+    from pathlib import Path
+
+    limits = ReadLimits(max_expansion=max_expansion)
+    summaries, failed = [], 0
+    for path in paths:
+        try:
+            if Path(path).is_dir():
+                raise IsADirectoryError(f"{path} is a folder; give event files")
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                summary = scan_events(path, limits=limits)
+            for w in caught:
+                typer.echo(f"warning: {w.message}", err=True)
+        except (TmktError, IsADirectoryError) as exc:
+            typer.echo(f"error: {exc}", err=True)
+            failed += 1
+            continue
+        summaries.append(summary)
+        if not as_json:
+            _print_table(summary)
+    if as_json and summaries:
+        typer.echo(json.dumps(summaries[0] if len(paths) == 1 else summaries, indent=2))
+    elif as_json and len(paths) > 1:
+        typer.echo("[]")
+    if failed:
+        raise typer.Exit(code=1)
 
 
 @data_app.command("emulate")
