@@ -26,6 +26,7 @@ layers) is the integer logit sum. See docs/loihi.md.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import warnings
@@ -158,6 +159,29 @@ _READERS: dict[str, Callable[..., QLayer]] = {"conv": read_conv, "dense": read_d
 # ---------------------------------------------------------------- the file
 
 
+_UNDIGESTED = ("content_sha256", "check")  # the digest itself; check results added after the write
+
+
+def net_digest(net: QuantizedNet, meta: dict[str, Any] | None = None) -> str:
+    """sha256 over everything the simulator and lava-dl read of `net` (shapes, geometry, CUBA
+    parameters, integer weights and biases) and its metadata `meta` (T, class names, binning...;
+    default `net.meta`), stored in `meta/json` as "content_sha256" and checked by `read_netx`:
+    a damaged file never simulates as if it were the exported network."""
+    meta = net.meta if meta is None else meta
+    described = {k: v for k, v in meta.items() if k not in _UNDIGESTED}
+    h = hashlib.sha256(json.dumps([list(map(int, net.input_shape)), described], sort_keys=True).encode())
+    for q in net.layers:
+        g = q.geometry
+        head = [q.name, q.kind, list(map(int, q.in_shape)), list(map(int, q.out_shape)), bool(q.flatten),
+                [list(g.stride), list(g.padding), list(g.dilation), int(g.groups)], float(q.scale), bool(q.readout),
+                [int(q.neuron.i_decay), int(q.neuron.v_decay), int(q.neuron.v_th_mant), int(q.neuron.ref_delay)],
+                list(q.weight.shape)]
+        h.update(json.dumps(head).encode())
+        h.update(np.ascontiguousarray(q.weight, np.int32).tobytes())
+        h.update(np.ascontiguousarray(q.bias, np.int32).tobytes())
+    return h.hexdigest()
+
+
 def _meta(net: QuantizedNet) -> dict[str, Any]:
     meta = dict(net.meta)
     meta.update(
@@ -175,6 +199,7 @@ def _meta(net: QuantizedNet) -> dict[str, Any]:
         readout="dense CUBA layer, iDecay 4096, vDecay 0, vThMant 2^17-1: logits = v / 64 after T steps "
         "= sum over T of (W_int @ spikes + bias_int); prediction = argmax",
     )
+    meta["content_sha256"] = net_digest(net, meta)
     return meta
 
 
@@ -231,7 +256,7 @@ def write_netx(net: QuantizedNet, path: str | Path) -> Path:
 
 # what a damaged or foreign file makes h5py, numpy and the readers raise
 _READ_ERRORS = (OSError, KeyError, ValueError, TypeError, IndexError, AttributeError, UnicodeDecodeError,
-                OverflowError, RecursionError)
+                OverflowError, RecursionError, RuntimeError)
 MAX_INPUT_VALUES = 2**24  # C x H x W of the input; more is a damaged file, not a network to simulate
 MAX_WEIGHTS = 2**28
 
@@ -265,6 +290,9 @@ def read_netx(path: str | Path) -> QuantizedNet:
     except (*_READ_ERRORS, json.JSONDecodeError) as e:
         raise LavaExportError(f"{path}: not a readable netx file ({type(e).__name__}: {str(e)[:160]})") from None
     check_net(net, path)
+    stored = net.meta.get("content_sha256")
+    if stored is not None and stored != net_digest(net):
+        raise LavaExportError(f"{path}: layers do not match the content_sha256 in meta/json (damaged file)")
     return net
 
 

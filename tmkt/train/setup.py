@@ -322,7 +322,7 @@ def _check_same_run(run: TrainingRun) -> None:
     try:
         stored = read_config(run.run_dir)
     except CheckpointError as e:
-        run.say(f"[yellow]note[/]: {e}; it is rewritten from the resume state")
+        run.say(f"[yellow]note[/]: {e}; it is rewritten from the resume state", highlight=False, soft_wrap=True)
         return
     spec = run.bundle.spec.to_dict()
     pairs = [(f"model.{k}", stored["model"].get(k), v) for k, v in run.model.cfg.to_dict().items()]
@@ -343,6 +343,12 @@ def _rewrite_run_files(run: TrainingRun) -> None:
         return
     run.record["metrics"] = metrics_record(run.best, run.metrics_lines)
     current = model_state(run.model)
+    if run.best_state is not None:
+        try:
+            read_weights(run.run_dir / BEST_NAME, current)
+        except CheckpointError as e:
+            run.say(f"[yellow]note[/]: {e}; restored the best weights (epoch {run.best['epoch']}) from {RESUME_NAME}",
+                    highlight=False, soft_wrap=True)
     save_run(run.run_dir, run.model, run.record, weights_name=BEST_NAME,
              state=run.best_state if run.best_state is not None else current)
     save_run(run.run_dir, run.model, run.record, weights_name=LAST_NAME)
