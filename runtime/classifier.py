@@ -34,7 +34,9 @@ from typing import Any
 import numpy as np
 
 
+from tmkt.data.binning import MAX_WINDOWS
 from tmkt.errors import TmktError
+
 PROVIDERS = ("auto", "cuda", "cpu")
 
 
@@ -149,15 +151,18 @@ class EventClassifier:
 
     # -------------------------------------------------------------- frames and logits
 
-    def frames(self, events: np.ndarray, n_frames: int | None = None) -> np.ndarray:
-        """Bin `[N]` structured events into `[n_frames or T, C, H, W]` float32 frames."""
+    def frames(self, events: np.ndarray | list[np.ndarray], n_frames: int | None = None) -> np.ndarray:
+        """Bin `[N]` structured events (or a list of time-ordered arrays, binned as their
+        concatenation without building it) into `[n_frames or T, C, H, W]` float32 frames."""
         from dataclasses import replace
 
         from tmkt.data.spec import frames_from_events
 
         spec = self.spec if n_frames is None else replace(self.spec, timesteps=int(n_frames))
         try:
-            return frames_from_events(np.asarray(events), spec)
+            return frames_from_events(events if isinstance(events, list) else np.asarray(events), spec)
+        except TmktError:  # the binning's own named errors (timestamp range, frame size)
+            raise
         except (ValueError, KeyError, TypeError, IndexError) as e:
             raise InferenceError(f"cannot bin these events: {e}") from None
 
@@ -188,10 +193,11 @@ class EventClassifier:
             out.append(lo)
         return np.stack(out)
 
-    def _prediction(self, mean_logits: np.ndarray, t0: float, events: np.ndarray) -> Prediction:
+    def _prediction(self, mean_logits: np.ndarray, t0: float, events: np.ndarray | list[np.ndarray]) -> Prediction:
         probs = softmax(mean_logits.astype(np.float64))
         k = int(np.argmax(probs))
-        t_range = (int(events["t"][0]), int(events["t"][-1])) if len(events) else None
+        pieces = [e for e in events if len(e)] if isinstance(events, list) else [events] if len(events) else []
+        t_range = (int(pieces[0]["t"][0]), int(pieces[-1]["t"][-1])) if pieces else None
         return Prediction(
             label=self.class_names[k],
             index=k,
@@ -199,7 +205,7 @@ class EventClassifier:
             probabilities=probs,
             logits=mean_logits,
             latency_ms=(time.perf_counter() - t0) * 1e3,
-            events=len(events),
+            events=sum(len(e) for e in pieces),
             t_range_us=t_range,
         )
 
@@ -225,15 +231,17 @@ class EventClassifier:
         return self._prediction(lo.mean(0), t0, np.asarray(events))
 
     def classify_window(
-        self, events: np.ndarray, state: dict[str, np.ndarray], frames_per_chunk: int | None = None
+        self, events: np.ndarray | list[np.ndarray], state: dict[str, np.ndarray], frames_per_chunk: int | None = None
     ) -> tuple[Prediction, dict[str, np.ndarray]]:
         """One window of a live stream on a stream-mode model: bin `events` into `frames_per_chunk`
         (default T) frames, step them from `state` (`zero_state(1)` at the start) and return the
-        prediction and the state to carry on. `stream(..., carry_state=True)` in one call."""
+        prediction and the state to carry on. `stream(..., carry_state=True)` in one call.
+        `events` may be a list of time-ordered arrays of one dtype (the packets of a live window),
+        binned as their concatenation without building it."""
         if self.mode != "stream":
             raise InferenceError(f"{self.path}: live windows need a stream-mode model (tmkt export --mode stream)")
         t0 = time.perf_counter()
-        events = np.asarray(events)
+        events = events if isinstance(events, list) else np.asarray(events)
         steps = []
         for f in self.frames(events, int(frames_per_chunk or self.timesteps)):
             out, state = self.step(f[None], state)
@@ -273,16 +281,30 @@ class EventClassifier:
         self._warn_outside(outside, total)
 
 
-def split_windows(events: np.ndarray, window_us: int) -> list[np.ndarray]:
+def split_windows(events: np.ndarray, window_us: int, *, max_windows: int | None = MAX_WINDOWS) -> list[np.ndarray]:
     """Consecutive windows `[t0 + k*w, t0 + (k+1)*w)` from the first event on, for time-sorted
-    events; empty windows inside the recording are kept (a sensor that saw nothing)."""
+    events; empty windows inside the recording are kept (a sensor that saw nothing).
+
+    Raises WindowCountError, before anything is allocated, when the recording's span would give
+    more than `max_windows` windows (None: no limit). Any integer timestamps (int64 or uint64, to
+    their limits) are cut exactly."""
+    from tmkt.data.binning import check_window_count, integer_times
+
     if window_us <= 0:
         raise InferenceError(f"window must be > 0 µs, got {window_us}")
+    window_us = int(window_us)
     events = np.asarray(events)
     if len(events) == 0:
         return []
-    t = events["t"].astype(np.int64)
-    t0 = int(t[0])
-    n = int((int(t[-1]) - t0) // window_us) + 1
-    edges = np.searchsorted(t, t0 + window_us * np.arange(1, n), side="left")
-    return np.split(events, edges)
+    t = integer_times(events["t"])
+    first, last = int(t[0]), int(t[-1])
+    if last < first:
+        raise InferenceError("events are not time-sorted: windows need time-sorted events")
+    n = check_window_count(first, last, window_us, max_windows)
+    if n == 1:
+        return [events]
+    # edges first + k*w, k = 1..n-1, in uint64 (k*w <= last - first < 2**64, and the sum taken
+    # modulo 2**64 is the edge itself for signed types, which lies within [first, last])
+    edges = np.arange(1, n, dtype=np.uint64) * np.uint64(window_us) + np.uint64(first % 2**64)
+    edges = (edges.view(np.int64) if t.dtype.kind == "i" else edges).astype(t.dtype)
+    return np.split(events, np.searchsorted(t, edges, side="left"))

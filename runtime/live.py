@@ -138,12 +138,17 @@ class _Window:
 
 
 class Windower:
-    """Cuts batches into the windows of `tmkt.runtime.classifier.split_windows`."""
+    """Cuts batches into the windows of `tmkt.runtime.classifier.split_windows`.
 
-    def __init__(self, window_us: int) -> None:
+    A window keeps the batches' arrays (or views of them) as they came, never a concatenation:
+    the binning takes the list. `max_windows`: a time jump that would complete more windows at
+    once raises WindowCountError (None: no limit), instead of creating them one by one."""
+
+    def __init__(self, window_us: int, max_windows: int | None = None) -> None:
         if window_us <= 0:
             raise LiveError(f"window must be > 0 µs, got {window_us}")
         self.w = int(window_us)
+        self.max_windows = max_windows
         self.t0: int | None = None
         self.cur: _Window | None = None
         self.last_t: int | None = None
@@ -154,21 +159,36 @@ class Windower:
 
     def push(self, batch: Batch) -> list[_Window]:
         """Add a batch; return the windows it completed (in order, empty ones included)."""
+        from tmkt.data.binning import WindowCountError, integer_times
+
         ev = batch.events
         if len(ev) == 0:
             return []
-        t = ev["t"].astype(np.int64)
-        if self.last_t is not None and t[0] < self.last_t or np.any(np.diff(t) < 0):
+        t = integer_times(ev["t"])
+        first, last = int(t[0]), int(t[-1])
+        if (self.last_t is not None and first < self.last_t) or (len(t) > 1 and not bool((t[1:] >= t[:-1]).all())):
             raise LiveError("the stream's timestamps go backwards; live windows need time-sorted events")
-        self.last_t = int(t[-1])
+        self.last_t = last
         if self.t0 is None:
-            self.t0 = int(t[0])
+            self.t0 = first
             self.cur = _Window(0, [], batch.arrived)
+        # window indices in Python integers (no overflow at any timestamp); a batch usually lies
+        # in one window, so it is kept whole; otherwise it is cut where windows end (searchsorted)
+        k_first, k_last = (first - self.t0) // self.w, (last - self.t0) // self.w
+        if self.max_windows is not None and k_last - self.cur.index > self.max_windows:
+            raise WindowCountError(
+                f"the stream's time jumps by {k_last - self.cur.index:,} windows of {self.w:,} µs at once "
+                f"(t={last} µs), more than the limit of {self.max_windows:,}"
+            )
+        if k_first == k_last:
+            parts = [(k_first, ev)]
+        else:
+            ends = [self.t0 + k * self.w for k in range(k_first + 1, k_last + 1)]
+            cuts = np.searchsorted(t, np.array(ends, dtype=t.dtype), side="left")
+            bounds = [0, *cuts.tolist(), len(ev)]
+            parts = [(k_first + j, ev[a:b]) for j, (a, b) in enumerate(zip(bounds[:-1], bounds[1:])) if b > a]
         done: list[_Window] = []
-        k = (t - self.t0) // self.w  # window index of each event
-        cuts = np.flatnonzero(np.diff(k)) + 1
-        for part, idx in zip(np.split(ev, cuts), k[np.r_[0, cuts]] if len(ev) else []):
-            idx = int(idx)
+        for idx, part in parts:
             while self.cur.index < idx:  # the current window is complete; empty ones follow
                 done.append(self.cur)
                 self.cur = _Window(self.cur.index + 1, [], batch.arrived)
@@ -212,6 +232,7 @@ def run_live(
     max_backlog: int | None = 8,
     frames_per_chunk: int | None = None,
     stop: threading.Event | None = None,
+    max_windows: int | None = None,
 ) -> LiveSummary:
     """Classify `source` live with `clf` (a stream-mode `EventClassifier`) until the stream ends,
     `stop` is set, or Ctrl-C. Windows of `window_us` µs, each binned into `frames_per_chunk`
@@ -219,15 +240,17 @@ def run_live(
 
     `on_window(result)` is called for each classified window; `on_drop(window indices, events)`
     when windows are dropped because more than `max_backlog` complete windows waited (None: never
-    drop). Returns the summary; a source that fails raises LiveError after its summary is filled
-    (`err.summary`)."""
+    drop). `max_windows`: a time jump of more windows than this at once ends the run with a
+    LiveError (None: `tmkt.data.binning.MAX_WINDOWS`). Returns the summary; a source that
+    fails raises LiveError after its summary is filled (`err.summary`)."""
+    from tmkt.data.binning import MAX_WINDOWS, WindowCountError
     from tmkt.runtime.classifier import events_outside_sensor
 
     if clf.mode != "stream":
         raise LiveError(f"{clf.path}: live streams need a stream-mode model (tmkt export --mode stream)")
     stop = stop or threading.Event()
     summary = LiveSummary(source.name, window_us / 1000)
-    win = Windower(window_us)
+    win = Windower(window_us, MAX_WINDOWS if max_windows is None else max_windows)
     q: queue.Queue = queue.Queue()
     thread = threading.Thread(target=_reader, args=(source, q, stop), name="tmkt-live-reader", daemon=True)
     state = clf.zero_state(1)
@@ -240,29 +263,31 @@ def run_live(
     sensor_w, sensor_h = clf.spec.sensor_size[0], clf.spec.sensor_size[1]
     shifts = bool(clf.spec.binning.get("shift_to_origin", False))
 
-    def outside(events: np.ndarray) -> int:
-        # the common case first: two max() calls instead of a full count over the window
-        if not len(events) or (not shifts and int(events["x"].max()) < sensor_w and int(events["y"].max()) < sensor_h):
+    def outside(pieces: list[np.ndarray]) -> int:
+        # the common case first: two max() calls per packet instead of a full count over the window
+        if not shifts and all(int(e["x"].max()) < sensor_w and int(e["y"].max()) < sensor_h for e in pieces):
             return 0
-        return events_outside_sensor(events, clf.spec)
+        return events_outside_sensor(np.concatenate(pieces), clf.spec)
 
     def classify(w: _Window) -> None:
         nonlocal state, first_arrival
-        events = np.concatenate(w.events) if w.events else np.empty(0, EVENT_DTYPE)
-        summary.outside_sensor += outside(events)
-        pred, state = clf.classify_window(events, state, frames_per_chunk)
+        # the window's packets go to the binning as they came (no concatenated copy of the window)
+        pieces = w.events or [np.empty(0, EVENT_DTYPE)]
+        n_events = sum(len(e) for e in pieces)
+        summary.outside_sensor += outside(pieces) if n_events else 0
+        pred, state = clf.classify_window(pieces, state, frames_per_chunk)
         now = time.perf_counter()
         t0, t1 = win.bounds(w.index)
-        res = WindowResult(w.index, t0, t1, len(events), pred.label, pred.index, pred.score,
+        res = WindowResult(w.index, t0, t1, n_events, pred.label, pred.index, pred.score,
                            (now - w.last_arrival) * 1e3, pred.latency_ms)
         summary.windows += 1
-        summary.events += len(events)
+        summary.events += n_events
         if first_arrival is None:
             first_arrival = min(w.last_arrival, first_batch_arrival or w.last_arrival)
         if not w.final:  # the last, partial window waited for the stream's end, not for tmkt
             summary.latencies_ms.append(res.latency_ms)
             summary.active_s = now - first_arrival
-            summary.active_events += len(events)
+            summary.active_events += n_events
         if on_window is not None:
             on_window(res)
 
@@ -287,7 +312,11 @@ def run_live(
                 else:
                     if first_batch_arrival is None and len(item.events):
                         first_batch_arrival = item.arrived
-                    pending += win.push(item)
+                    try:
+                        pending += win.push(item)
+                    except (LiveError, WindowCountError) as e:  # time going backwards, or jumping too far
+                        failure, ended = e if isinstance(e, LiveError) else LiveError(f"{source.name}: {e}"), True
+                        break
             if ended:
                 pending += win.flush()
             if max_backlog is not None and len(pending) > max_backlog:

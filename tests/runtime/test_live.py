@@ -17,6 +17,7 @@ from typer.testing import CliRunner
 
 from tmkt.checkpoint import load_run, save_run
 from tmkt.cli import app
+from tmkt.data.binning import WindowCountError
 from tmkt.data.events import EVENT_DTYPE, read_events, write_events
 from tmkt.export.graph import lower_run
 from tmkt.export.onnx import export_onnx
@@ -125,6 +126,72 @@ def test_live_needs_stream_model(tmp_path, stream_model):
     clf.mode = "unrolled"
     with pytest.raises(LiveError, match="stream-mode"):
         run_live(clf, _list_source([]), 1000)
+
+
+def test_a_window_given_as_packets_classifies_as_its_concatenation(stream_model):
+    """run_live hands a window's packets to the binning as they came (no concatenated copy)."""
+    ev = recording(4)
+    clf = EventClassifier(stream_model, provider="cpu")
+    packets = [ev[a:b] for a, b in [(0, 1), (1, 700), (700, 700), (700, 2999), (2999, 3000)]]
+    np.testing.assert_array_equal(clf.frames(packets), clf.frames(ev))
+    (p_list, s_list), (p_one, s_one) = (clf.classify_window(e, clf.zero_state(1)) for e in (packets, ev))
+    np.testing.assert_array_equal(p_list.logits, p_one.logits)
+    assert p_list.events == p_one.events == len(ev) and p_list.t_range_us == p_one.t_range_us
+    for k in s_one:
+        np.testing.assert_array_equal(s_list[k], s_one[k])
+
+
+def test_windower_at_the_int64_limit_cuts_split_windows():
+    ev = recording(5, n=500)
+    ev["t"] += 2**63 - 1 - int(ev["t"][-1])  # the last event at the largest int64 timestamp
+    w = Windower(20_000)
+    got = [win for b in batches_of(ev, [100] * 5) for win in w.push(b)] + w.flush()
+    ref = split_windows(ev, 20_000)
+    assert len(got) == len(ref)
+    for g, r in zip(got, ref):
+        assert np.array_equal(np.concatenate(g.events) if g.events else ev[:0], r)
+
+
+def test_a_time_jump_over_the_window_limit_ends_the_run(stream_model):
+    """A stream whose clock jumps by 10**12 µs would complete 5e7 empty windows at once: refused
+    with a named error (after the windows before the jump were classified), never built."""
+    ev = recording(6, n=400)
+    late = ev[-50:].copy()
+    late["t"] += 10**12
+    with pytest.raises(WindowCountError, match="jumps by 50,000,0.. windows"):
+        w = Windower(20_000, max_windows=1000)
+        w.push(Batch(ev, time.perf_counter()))
+        w.push(Batch(late, time.perf_counter()))
+    clf = EventClassifier(stream_model, provider="cpu")
+    source = _list_source(batches_of(ev, [200, 200]) + [Batch(late, time.perf_counter())], name="jumpy")
+    with pytest.raises(LiveError, match="jumpy: the stream's time jumps by .* more than the limit of 1,000") as err:
+        run_live(clf, source, 20_000, max_backlog=None, max_windows=1000)
+    summary = err.value.summary
+    assert summary.end == "error" and summary.windows == len(split_windows(ev, 20_000))
+
+
+def test_infer_refuses_too_many_windows_and_goes_on(stream_model, tmp_path):
+    """A valid 2-event file spanning 2**32 - 1 µs cut into 1 µs windows (4.3e9 windows; this tried
+    to allocate 32 GiB): one line naming the file, exit 1, and the other file still classified."""
+    long = np.zeros(2, EVENT_DTYPE)
+    long["t"] = [0, 2**32 - 1]
+    write_events(tmp_path / "long.npy", long, SENSOR)
+    write_events(tmp_path / "ok.npy", recording(7, n=200, duration_us=3_000), SENSOR)
+    runner = CliRunner()
+    res = runner.invoke(app, ["infer", str(stream_model), str(tmp_path / "long.npy"), str(tmp_path / "ok.npy"),
+                              "--window-ms", "0.001", "--json"])
+    assert res.exit_code == 1, res.output
+    doc = json.loads(res.stdout)
+    assert [e["file"] for e in doc["errors"]] == [str(tmp_path / "long.npy")]
+    assert doc["errors"][0]["error"].startswith(f"{tmp_path / 'long.npy'}: 4,294,967,296 windows of 1 µs")
+    assert "--max-windows" in doc["errors"][0]["error"]
+    assert {p["file"] for p in doc["predictions"]} == {str(tmp_path / "ok.npy")}
+    # the limit is a flag: 2 windows of 2,200 s pass under a limit of 2, and a limit of 1 refuses them
+    assert runner.invoke(app, ["infer", str(stream_model), str(tmp_path / "long.npy"), "--window-ms", "2200000",
+                               "--max-windows", "2"]).exit_code == 0
+    res = runner.invoke(app, ["infer", str(stream_model), str(tmp_path / "long.npy"), "--window-ms", "4294967",
+                              "--max-windows", "1"])
+    assert res.exit_code == 1 and "long.npy: 2 windows of 4,294,967,000 µs" in res.output
 
 
 # ---------------------------------------------------------------- DV network stream

@@ -62,6 +62,11 @@ def infer(
     max_backlog: int = typer.Option(
         8, "--max-backlog", min=1, help="Live: drop (and report) the oldest windows when more than this many wait."
     ),
+    max_windows: int = typer.Option(
+        100_000, "--max-windows", min=1,
+        help="With --window-ms: refuse a recording that would give more windows than this (a file is "
+        "reported, the others go on); live: refuse a time jump of more windows than this.",
+    ),
 ) -> None:
     """Predict the class of each recording (or each window) with onnxruntime, with latency; or of each
     window of a live stream (--live, --follow, --camera) with the stream model's state carried on.
@@ -95,7 +100,7 @@ def infer(
 
         run_live_command(model, provider, window_ms, as_json, live=live, follow=follow, camera=camera,
                          camera_serial=camera_serial, idle_timeout=idle_timeout, connect_timeout=connect_timeout,
-                         max_backlog=max_backlog)
+                         max_backlog=max_backlog, max_windows=max_windows)
         return
     if not events:
         raise typer.BadParameter("give event files or folders, or a live source (--live, --follow, --camera)",
@@ -124,7 +129,7 @@ def infer(
                 if window_ms is None:
                     preds = [clf.predict(rec.events)]
                 else:
-                    windows = split_windows(rec.events, int(round(window_ms * 1000)))
+                    windows = split_windows(rec.events, int(round(window_ms * 1000)), max_windows=max_windows)
                     preds = list(clf.stream(windows, carry_state=carry))
             for w in caught:
                 if not issubclass(w.category, InputWarning):
@@ -135,9 +140,10 @@ def infer(
                 if not as_json:
                     typer.echo(f"warning: {msg}", err=True)
         except TmktError as e:
-            errors.append({"file": str(f), "error": str(e)})
+            msg = str(e) if str(e).startswith(str(f)) else f"{f}: {e}"  # binning and windows do not know the file
+            errors.append({"file": str(f), "error": msg})
             if not as_json:
-                typer.echo(f"error: {e}", err=True)
+                typer.echo(f"error: {msg}", err=True)
             continue
         if not preds and not as_json:
             typer.echo(f"note: {f}: no events, so no windows to classify", err=True)

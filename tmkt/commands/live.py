@@ -40,6 +40,7 @@ def run_live_command(
     idle_timeout: Optional[float],
     connect_timeout: float,
     max_backlog: int,
+    max_windows: int | None = None,
 ) -> None:
     from tmkt.errors import TmktError
     from tmkt.runtime.classifier import EventClassifier
@@ -99,7 +100,7 @@ def run_live_command(
             handlers[sig] = signal.signal(sig, lambda *_: stop.set())
     try:
         summary = run_live(clf, source, int(round(window_ms * 1000)), on_window=on_window, on_drop=on_drop,
-                           max_backlog=max_backlog, stop=stop)
+                           max_backlog=max_backlog, max_windows=max_windows, stop=stop)
     except LiveError as e:
         summary, error = getattr(e, "summary", None), str(e)
     finally:

@@ -37,9 +37,13 @@ from tmkt.errors import TmktError
 
 __all__ = [
     "MAX_FRAME_BYTES",
+    "MAX_WINDOWS",
     "FrameSizeError",
     "TimestampRangeError",
+    "WindowCountError",
     "bin_events",
+    "check_window_count",
+    "integer_times",
     "downsample_coordinates",
     "resize_frames",
     "to_frames",
@@ -59,6 +63,26 @@ class FrameSizeError(TmktError, ValueError):
     """The frames asked for would not fit in memory (``T * 2 * H * W`` too large)."""
 
 
+MAX_WINDOWS = 100_000  # windows of one recording (`tmkt infer --max-windows`): ~7 min of classification
+
+
+class WindowCountError(TmktError, ValueError):
+    """A recording (or a jump in a stream's time) would be cut into more windows than allowed."""
+
+
+def check_window_count(first_us: int, last_us: int, window_us: int, max_windows: int | None) -> int:
+    """Number of windows ``[t0 + k*w, t0 + (k+1)*w)`` from ``first_us`` that reach ``last_us``
+    (Python integers: exact at any timestamp); WindowCountError when over ``max_windows``
+    (None: no limit)."""
+    n = (int(last_us) - int(first_us)) // int(window_us) + 1
+    if max_windows is not None and n > max_windows:
+        raise WindowCountError(
+            f"{n:,} windows of {window_us:,} µs over {(int(last_us) - int(first_us)) / 1e6:,.6g} s, more than the "
+            f"limit of {max_windows:,} (a longer --window-ms, or raise --max-windows)"
+        )
+    return n
+
+
 def _check_frame_size(n_bins: int, height: int, width: int, max_bytes: int | None, out_cells: int = 0) -> None:
     if max_bytes is None:
         return
@@ -71,8 +95,9 @@ def _check_frame_size(n_bins: int, height: int, width: int, max_bytes: int | Non
         )
 
 
-def _times(t: np.ndarray) -> np.ndarray:
-    """Integer timestamps ``[N]``: integer fields as they are (a view), floats rounded to int64."""
+def integer_times(t: np.ndarray) -> np.ndarray:
+    """Integer timestamps ``[N]``: integer fields as they are (a view), floats rounded to int64
+    (TimestampRangeError when NaN, infinite or beyond int64), bools as int64."""
     t = np.asarray(t)
     if t.dtype.kind in "iu":
         return t
@@ -131,6 +156,18 @@ class _Outside(Exception):
     """Raised inside the one-pass loop when an event lies outside the sensor."""
 
 
+def _load_coordinates(seg: np.ndarray, x: np.ndarray, y: np.ndarray, dx: int, dy: int, size, signed: bool) -> None:
+    """x, y of ``seg`` into the int64 buffers ``x``, ``y`` (shifted by dx, dy); raise _Outside when
+    one lies outside the sensor ``size`` (W, H). ``signed``: the values may be negative."""
+    np.copyto(x, seg["x"], casting="unsafe")
+    np.copyto(y, seg["y"], casting="unsafe")
+    if dx or dy:
+        x -= dx
+        y -= dy
+    if x.max() >= size[0] or y.max() >= size[1] or (signed and (x.min() < 0 or y.min() < 0)):
+        raise _Outside
+
+
 def _segments(pieces: list[np.ndarray]):
     """``(offset, events)`` views of at most ``_SEGMENT`` events, in order over all pieces."""
     offset = 0
@@ -160,7 +197,7 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
     n_pix = grid_h * grid_w
     stride = 2 * n_pix
     dx = dy = 0
-    # coordinates copied from unsigned fields narrower than 64 bits cannot be negative
+    # coordinates copied from unsigned fields narrower than 64 bits cannot be negative (nor shifted ones)
     fields = pieces[0].dtype.fields
     signed = not shift and any(fields[k][0].kind != "u" or fields[k][0].itemsize == 8 for k in ("x", "y"))
     if shift:
@@ -177,14 +214,19 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
         # event i is in bin floor(i * T / N), so bin k starts at ceil(k * N / T)
         global_starts = -((-np.arange(n_bins + 1, dtype=np.int64) * n) // n_bins)
     elif ordered:
-        t0 = int(_times(pieces[0]["t"][:1])[0])
-        span = int(_times(pieces[-1]["t"][-1:])[0]) - t0
+        try:
+            t0 = int(integer_times(pieces[0]["t"][:1])[0])
+            span = int(integer_times(pieces[-1]["t"][-1:])[0]) - t0
+        except TimestampRangeError:  # judged below, segment by segment, after the coordinates:
+            raise _Unsorted from None  # an event dropped for lying outside the sensor may hold it
         if span < 0:
             raise _Unsorted
     else:
         lo = hi = None
         for _, seg in _segments(pieces):
-            t = _times(seg["t"])
+            xb = np.empty(len(seg), dtype=np.int64)
+            _load_coordinates(seg, xb, np.empty_like(xb), dx, dy, sensor, signed)  # coordinates first (see above)
+            t = integer_times(seg["t"])
             lo = int(t.min()) if lo is None else min(lo, int(t.min()))
             hi = int(t.max()) if hi is None else max(hi, int(t.max()))
         t0, span = lo, hi - lo
@@ -197,13 +239,7 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
     for offset, seg in _segments(pieces):
         m = len(seg)
         x, y, f = xb[:m], yb[:m], flat[offset : offset + m]
-        np.copyto(x, seg["x"], casting="unsafe")
-        np.copyto(y, seg["y"], casting="unsafe")
-        if shift:
-            x -= dx
-            y -= dy
-        if x.max() >= width or y.max() >= height or (signed and (x.min() < 0 or y.min() < 0)):
-            raise _Outside
+        _load_coordinates(seg, x, y, dx, dy, sensor, signed)
         if x_map is not None:
             x_map.take(x, out=x, mode="clip")  # inside the sensor: clip never acts
             y_map.take(y, out=y, mode="clip")
@@ -216,7 +252,7 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
         if by == "count":
             cuts = np.clip(global_starts[1:-1] - offset, 0, m)
         else:
-            t = _times(seg["t"])
+            t = integer_times(seg["t"])
             if not runs:
                 if span > 0:
                     b = _time_bins_unsorted(t, t0, span, n_bins)
