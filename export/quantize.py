@@ -12,8 +12,12 @@ Two steps, each a plain function:
    - AvgPool2d then Flatten then Dense == a Dense over the unpooled map (weight = adjoint of the
      pooling applied to every row).
    The result is a list of `FloatLayer`, each synapse + neuron (or the readout head).
-2. `quantize_graph`: one scale per layer, s = 254 / max|W| (so integer weights lie in
-   [-254, 254] within netx's [-256, 254]), lowered only where the bias round(b*s) would leave its
+2. `quantize_graph`: one scale per layer, s = 254 / max|W|, weights rounded to even integers
+   w = 2 * round(W*s / 2) in [-254, 254]: an 8-bit signed mantissa (int8, [-127, 127]) with weight
+   exponent 1, which is what Loihi's mixed-sign 8-bit synapse holds (lava's `truncate_weights`
+   drops the LSB of 8-bit mixed-sign weights) and what the int8 ONNX export
+   (`tmkt.export.onnx_int8`) multiplies on the CPU: one quantizer, the same integers on both
+   exits. The scale is lowered only where the bias round(b*s) would leave its
    13 bits (netx writes bias_mant with bias_exp 6) or the worst-case input current of a neuron
    the 24-bit current register (|a_in| << 6 < 2^23). Threshold -> vThMant = ceil(v_th*s) - 1
    (Loihi spikes on v > vThMant << 6: for integer currents this is exactly v >= v_th*s), 17 bits.
@@ -48,6 +52,7 @@ from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, F
 
 TARGET = "lava (netx 0.6.0)"
 WEIGHT_MIN, WEIGHT_MAX = -256, 254  # netx clips mixed-sign dense weights outside this range
+WEIGHT_EXP = 1  # weights are int8 mantissas << 1 (even integers): Loihi's 8-bit mixed-sign weight
 BIAS_MAX = 2**12 - 1  # bias_mant: signed 13 bits
 VTH_MAX = 2**17 - 1  # vThMant: unsigned 17 bits
 CURRENT_MAX = 2**17 - 1  # |a_in| << 6 must stay below 2^23 (24-bit current register)
@@ -399,18 +404,22 @@ def quantize_readout(layer: FloatLayer, timesteps: int, inputs: np.ndarray | Non
     return q, figures
 
 
+def round_weights(weight: np.ndarray, scale: float) -> np.ndarray:
+    """Integer weights at `scale`: the nearest multiple of 2**WEIGHT_EXP (an 8-bit mantissa), int64."""
+    step = 1 << WEIGHT_EXP
+    return (np.rint(weight * (scale / step)) * step).astype(np.int64)
+
+
 def quantize_layer(layer: FloatLayer, scale: float | None = None) -> QLayer:
     """Integer weights/bias and CUBA parameters of one layer (at `scale`, default `layer_scale`);
     raises naming it on overflow."""
     chosen = scale is not None  # the caller (quantize_readout) checks the weight bits itself
     scale = layer_scale(layer) if scale is None else scale
-    weight_int = np.rint(layer.weight * scale).astype(np.int64)
+    weight_int = round_weights(layer.weight, scale)
     while _worst_current(weight_int.astype(np.float64), np.zeros(weight_int.shape[0])) > CURRENT_MAX:  # rounding pushed it over
         scale *= 0.999
-        weight_int = np.rint(layer.weight * scale).astype(np.int64)
+        weight_int = round_weights(layer.weight, scale)
     bias_int = np.rint(layer.bias * scale).astype(np.int64)
-    if not weight_int.any():
-        raise LavaExportError(f"layer {layer.name!r}: weights round to zero at 8 bits")
     if weight_int.min() < WEIGHT_MIN or weight_int.max() > WEIGHT_MAX:
         raise LavaExportError(f"layer {layer.name!r}: weights overflow 8 bits ({weight_int.min()}..{weight_int.max()})")
     if np.abs(bias_int).max(initial=0) > BIAS_MAX:

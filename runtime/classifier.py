@@ -8,6 +8,8 @@ size, binning, input size), so a caller hands over events and gets a class:
     for p in clf.stream(chunks): ...              # stream-mode model, membranes carried on
 
 `predict` bins the whole recording into T frames, as training did with each sample.
+Int8 models (`tmkt export --int8`) take the same frames (they binarize them as the Loihi export
+does) and keep int32 membranes, which the metadata names; nothing else differs for a caller.
 `stream` treats each chunk of events as one window: the chunk is binned into
 `frames_per_chunk` frames (default T) the same way, and the frames are fed step by step to
 the single-step model. With `carry_state=True` (default) the LIF membranes run on from one
@@ -167,8 +169,9 @@ class EventClassifier:
             raise InferenceError(f"cannot bin these events: {e}") from None
 
     def zero_state(self, batch: int = 1) -> dict[str, np.ndarray]:
-        """Membranes at rest, one `[B, *shape]` array per LIF layer (stream models)."""
-        return {s["input"]: np.zeros((batch, *s["shape"]), np.float32) for s in self.states}
+        """Membranes at rest, one `[B, *shape]` array per LIF layer (stream models), of the
+        dtype the metadata names (float32; int32 in int8 models, `tmkt export --int8`)."""
+        return {s["input"]: np.zeros((batch, *s["shape"]), np.dtype(s.get("dtype", "float32"))) for s in self.states}
 
     def step(self, frame: np.ndarray, state: dict[str, np.ndarray]) -> tuple[np.ndarray, dict[str, np.ndarray]]:
         """One step of a stream model: `frame` `[B, C, H, W]` -> (logits `[B, K]`, new state)."""

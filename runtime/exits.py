@@ -1,6 +1,7 @@
 """Every exit of one run on the same test split: the float model, ONNX (onnxruntime), netx (the
-chip's readout, bit-accurate simulator) and NIR in norse, snntorch and sinabs, with each one's
-agreement with the float model. `tmkt eval RUN --exits` prints it as one table.
+chip's readout, bit-accurate simulator), int8 ONNX (the netx integers in onnxruntime) and NIR in
+norse, snntorch and sinabs, with each one's agreement with the float model. `tmkt eval RUN
+--exits` prints it as one table.
 
 Each exit is written to a temporary folder by its own exporter (as `tmkt export` does, checks
 included), then run on the frames every exit is fed: the binned test recordings, which for a
@@ -48,6 +49,7 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", frameworks: tupl
     from tmkt.export.netx_sim import simulate, to_spikes
     from tmkt.export.nir import export_nir
     from tmkt.export.onnx import export_onnx
+    from tmkt.export.onnx_int8 import export_onnx_int8
 
     start = time.perf_counter()
     run = load_run(run_dir)
@@ -67,15 +69,25 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", frameworks: tupl
                                     for i in range(0, frames.shape[1], batch)])
         rows.append(_row("ONNX (onnxruntime)", onnx_pred, labels, float_pred))
 
-        netx = export_netx(graph, Path(tmp) / "model.net", calibration=calibration_from_run(run))
+        calibration = calibration_from_run(run)
+        netx = export_netx(graph, Path(tmp) / "model.net", calibration=calibration)
         net = read_netx(netx.path)
         sim_pred, in_range = [], []
         for i in range(0, frames.shape[1], batch):
             sim = simulate(net, to_spikes(frames[:, i:i + batch], net.meta.get("input_threshold", INPUT_THRESHOLD)))
             sim_pred.append(sim.prediction)
             in_range.append(sim.readout_in_range)
-        rows.append(_row("netx (Loihi chip readout, simulator)", np.concatenate(sim_pred), labels, float_pred,
+        chip_pred = np.concatenate(sim_pred)
+        rows.append(_row("netx (Loihi chip readout, simulator)", chip_pred, labels, float_pred,
                          readout_in_range=float(np.concatenate(in_range).mean())))
+
+        # the same quantizer and calibration as the netx file: the same integers, on the CPU
+        int8_path = export_onnx_int8(graph, Path(tmp) / "model.int8.onnx", calibration=calibration).path
+        sess8 = ort.InferenceSession(str(int8_path), providers=["CPUExecutionProvider"])
+        int8_pred = np.concatenate([sess8.run(["logits"], {"events": frames[:, i:i + batch]})[0].argmax(1)
+                                    for i in range(0, frames.shape[1], batch)])
+        rows.append(_row("ONNX int8 (onnxruntime, the netx integers)", int8_pred, labels, float_pred,
+                         chip_agreement=float((int8_pred == chip_pred).mean())))
 
         files: dict[str, Path] = {}
         for fw in frameworks:

@@ -173,7 +173,8 @@ def test_quantization_ranges_and_threshold_rule():
     g = geometry_net()
     for q, fl in zip(net.layers, fold_for_netx(g)):
         assert -256 <= q.weight.min() and q.weight.max() <= 254 and np.abs(q.weight).max() >= 250
-        assert np.array_equal(q.weight, np.rint(fl.weight * q.scale))
+        # an 8-bit signed mantissa with weight exponent 1: even integers, 2 * round(W * s / 2)
+        assert np.array_equal(q.weight, 2 * np.rint(fl.weight * q.scale / 2)) and not np.any(q.weight % 2)
         if fl.lif is not None:  # v > vThMant*64 <=> v >= v_th*scale for integer currents
             assert q.neuron.v_th_mant == int(np.ceil(fl.lif.v_threshold * q.scale)) - 1
 

@@ -1,4 +1,4 @@
-"""`tmkt export RUN_DIR --target onnx|lava|nir`: write a trained run as a deployable artefact."""
+"""`tmkt export RUN_DIR --target onnx|lava|nir [--int8]`: write a trained run as a deployable artefact."""
 
 from __future__ import annotations
 
@@ -13,8 +13,15 @@ TARGETS = ("onnx", "lava", "nir")
 
 
 def _export_to(target: str, run, graph, dest: Path, verify: bool, run_dir: Path, mode: str,
-               timesteps: Optional[int], opset: Optional[int], nir_flavor: str = "default"):
+               timesteps: Optional[int], opset: Optional[int], nir_flavor: str = "default", int8: bool = False):
     """Call the one export function of `target`; returns its ExportReport."""
+    if target == "onnx" and int8:
+        from tmkt.export.netx import calibration_from_run
+        from tmkt.export.onnx_int8 import export_onnx_int8
+
+        # the netx export's calibration: both files carry the same integers
+        return export_onnx_int8(graph, dest, verify=verify, mode=mode, timesteps=timesteps,
+                                calibration=calibration_from_run(run), source_run=run_dir)
     if target == "onnx":
         from tmkt.export.onnx import DEFAULT_OPSET, export_onnx
 
@@ -37,8 +44,13 @@ def export(
     timesteps: Optional[int] = typer.Option(None, "--timesteps", "-T", help="ONNX only: T (default: the run's)."),
     opset: Optional[int] = typer.Option(None, "--opset", help="ONNX only: opset version, 13..20 (default 17)."),
     out: Optional[Path] = typer.Option(
-        None, "--out", "-o", help="Output file (default: RUN_DIR/model.<mode>.onnx, model.netx.h5 or model.nir)."
+        None, "--out", "-o", help="Output file (default: RUN_DIR/model.<mode>.onnx, model.<mode>.int8.onnx, "
+        "model.netx.h5 or model.nir)."
     ),
+    int8: bool = typer.Option(
+        False, "--int8", help="ONNX only: the Loihi export's 8-bit integer network (same weights, scales and "
+        "thresholds) as integer onnxruntime ops; input spikes = frame > 0.5; checked spike for spike against the "
+        "Loihi simulator (docs/int8.md)."),
     nir_flavor: str = typer.Option(
         "default", "--nir-flavor", help="NIR only: default (norse with from_nir(g, dt=1e-4), snntorch, nir >= 1.0.5) | "
         "sinabs (sinabs 3.1.3 and nir 1.0.4 read it; docs/nir.md)."),
@@ -56,8 +68,10 @@ def export(
         raise typer.BadParameter("must be unrolled or stream", param_hint="--mode")
     if timesteps is not None and timesteps < 1:
         raise typer.BadParameter("must be >= 1", param_hint="--timesteps")
-    if target != "onnx" and (mode != "unrolled" or timesteps is not None or opset is not None):
-        raise typer.BadParameter("--mode, --timesteps and --opset apply to --target onnx only")
+    if target != "onnx" and (mode != "unrolled" or timesteps is not None or opset is not None or int8):
+        raise typer.BadParameter("--mode, --timesteps, --opset and --int8 apply to --target onnx only")
+    if int8 and opset is not None:
+        raise typer.BadParameter("--int8 models are written at opset 17; drop --opset", param_hint="--opset")
     if nir_flavor not in ("default", "sinabs"):
         raise typer.BadParameter("must be default or sinabs", param_hint="--nir-flavor")
     if target != "nir" and nir_flavor != "default":
@@ -69,12 +83,13 @@ def export(
     from tmkt.errors import TmktError
     from tmkt.export.graph import lower_run
 
-    default_name = {"onnx": f"model.{mode}.onnx", "lava": "model.netx.h5", "nir": "model.nir"}[target]
+    onnx_name = f"model.{mode}.int8.onnx" if int8 else f"model.{mode}.onnx"
+    default_name = {"onnx": onnx_name, "lava": "model.netx.h5", "nir": "model.nir"}[target]
     try:
         run = load_run(run_dir)
         graph = lower_run(run)
         report = _export_to(target, run, graph, out or run_dir / default_name, not no_verify, run_dir, mode, timesteps, opset,
-                            nir_flavor)
+                            nir_flavor, int8)
     except ModuleNotFoundError as e:  # lava's and NIR's exporters need h5py / nir, optional parts of an install
         fail(f"target {target!r} is not available in this installation ({e})")
     except (TmktError, OSError) as e:

@@ -163,7 +163,8 @@ def train_command(
 
 
 def eval_command(
-    run: Path = typer.Argument(..., help="Run directory, or a Loihi netx export file (.net, .h5, .hdf5)."),
+    run: Path = typer.Argument(..., help="Run directory, a Loihi netx export file (.net, .h5, .hdf5) or an ONNX export "
+                               "(.onnx, float or --int8: its accuracy beside the float model's)."),
     split: str = typer.Option("test", help="test | val."),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the run's)."),
     data_root: Optional[str] = typer.Option(None, help="Folder of the event recordings (default: the run's)."),
@@ -175,8 +176,8 @@ def eval_command(
     device: str = typer.Option("auto", help="auto | cpu | cuda."),
     per_class: bool = typer.Option(False, "--per-class", help="Also print accuracy per class."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as JSON."),
-    exits: bool = typer.Option(False, "--exits", help="Every exit in one table: float, ONNX, netx (chip readout) and "
-                               "NIR in norse, snntorch and sinabs on the same split, with agreement to float."),
+    exits: bool = typer.Option(False, "--exits", help="Every exit in one table: float, ONNX, netx (chip readout), int8 "
+                               "ONNX and NIR in norse, snntorch and sinabs on the same split, with agreement to float."),
     lava: int = typer.Option(0, "--lava", min=0, help="netx file only: also run the first N test samples through "
                              "lava-dl itself and compare its readout argmax with the simulator's, sample for sample."),
 ) -> None:
@@ -193,6 +194,9 @@ def eval_command(
         return
     if run.suffix.lower() in NETX_SUFFIXES and run.is_file():  # `tmkt export --target lava` writes model.netx.h5
         _print_netx(_eval_netx(run, split, dataset, data_root, options, cache_dir, batch_size, lava), as_json)
+        return
+    if run.suffix.lower() == ".onnx" and run.is_file():  # float or int8 (`tmkt export --int8`)
+        _print_onnx(_eval_onnx(run, split, cache_dir, batch_size), as_json)
         return
     from tmkt.train.setup import resolve_device
 
@@ -249,6 +253,30 @@ def _eval_netx(path: Path, split, dataset, data_root, options, cache_dir, batch_
         fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
 
 
+def _eval_onnx(path: Path, split: str, cache_dir, batch_size: int) -> dict:
+    from tmkt.errors import TmktError
+    from tmkt.runtime.onnx_eval import evaluate_onnx
+
+    try:
+        return evaluate_onnx(path, split, cache_dir=cache_dir, batch_size=batch_size)
+    except (TmktError, OSError) as e:
+        fail(str(e) if str(e).startswith(str(path)) else f"{path}: {e}")
+
+
+def _print_onnx(result: dict, as_json: bool) -> None:
+    """An ONNX file's accuracy (onnxruntime) beside its float model's."""
+    if as_json:
+        typer.echo(json.dumps(result, indent=2))
+        return
+    binary = result.get("float_binary_accuracy")
+    same = "" if binary is None else f"  float on the same binary input: {binary:.4f}"
+    typer.echo(
+        f"{result['split']} accuracy ({result['precision']} ONNX, {result['mode']}, onnxruntime): {result['accuracy']:.4f}  "
+        f"float model: {result['float_accuracy']:.4f}{same}  agreement: {result['agreement']:.4f}  "
+        f"({result['samples']} samples)"
+    )
+
+
 def _eval_exits(run: Path, split: str, cache_dir) -> dict:
     from tmkt.errors import TmktError
     from tmkt.runtime.exits import evaluate_exits
@@ -283,6 +311,8 @@ def _print_exits(result: dict, as_json: bool) -> None:
         notes = []
         if "readout_in_range" in row:
             notes.append(f"readout in range {row['readout_in_range']:.1%}")
+        if "chip_agreement" in row:
+            notes.append(f"agrees with the chip readout on {row['chip_agreement']:.1%}")
         if "spikes_identical" in row:
             notes.append("spikes identical" if row["spikes_identical"]
                          else f"{row['spike_differences']} of {row['spikes']} spikes differ")

@@ -1,0 +1,665 @@
+"""Int8 ONNX: the Loihi export's quantized network run by onnxruntime's integer kernels.
+
+The network is `tmkt.export.quantize.quantize_graph(graph, calibration)`, the very object the
+netx (Loihi) export writes: the same integer weights, biases, scales, CUBA decays and
+thresholds, so the CPU and the chip run one network. This module only writes it as ONNX:
+
+- input: frames `> 0.5` (the chip's input spikes, `netx.INPUT_THRESHOLD`) as uint8;
+- every synaptic layer is `MatMulInteger` (uint8 spikes x int8 weights -> exact int32) on an
+  im2col made of `Slice`/`Concat` in NHWC layout: onnxruntime's `MatMulInteger` runs on the
+  VNNI/AMX integer GEMM, while its `ConvInteger` takes a slow generic path (measured: 5x slower
+  than the float `Conv`) and `QLinearConv` requantizes its output to 8 bits, which would change
+  spikes. The quantizer's weights are 8-bit mantissas with exponent 1 (even integers in
+  [-254, 254], `quantize.WEIGHT_EXP`): the GEMM multiplies the int8 mantissas and the exponent
+  joins the x64 of the neuron's input in one integer multiply;
+- average pooling that the netx export folds into the next convolution is undone where the
+  folded integer kernel is exactly the pooling's spread of a smaller kernel (non-overlapping
+  pooling, the backbones' case): a sum pooling (uint8 `Add` of strided slices, values 0..k*k)
+  then the small kernel gives the same integers with k*k fewer multiply-accumulates;
+- neurons are the chip's CUBA neurons in int32 (`netx_sim.cuba_step` with iDecay 4096):
+  v = trunc(v * (4096 - vDecay) / 4096) + 64 * (a + bias), saturated below at -(2^23 - 1)
+  (only where the layer's worst negative current could reach it: a static bound), spike where
+  v > 64 * vThMant, reset to 0. Saturation above cannot change a spike (it spikes and resets);
+- the readout sums its integer currents; logits are that sum / (T * scale).
+
+Layer order: the unrolled model runs layer by layer, each layer on all T frames at once (one
+GEMM over T*B rows, then its T neuron steps), which is valid because the network is a
+feed-forward chain, and is exactly the simulator's aligned view. The stream model runs one step
+with one int32 membrane per LIF layer (`[B, H, W, C]`, NHWC).
+
+Verification (`verify_onnx_int8`), inside `export_onnx_int8` before the file appears: the
+checker, then onnxruntime against the bit-accurate Loihi simulator (`netx_sim.simulate`) on
+random and real spikes: every spike of every layer and every readout current must be identical
+(integers, no tolerance), and the file's logits equal its debug twin's.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from tmkt.export.graph import Add, AvgPool2d, Conv2d, Dense, DeployGraph
+from tmkt.export.metadata import encode_metadata, graph_metadata
+from tmkt.export.netx import INPUT_THRESHOLD, InputMismatchWarning, input_mismatch, random_spikes
+from tmkt.export.netx_sim import UV_MAX, layer_current, netx_dense_weight, simulate, to_spikes
+from tmkt.export.onnx import MODES, read_onnx_metadata
+from tmkt.export.quantize import DECAY_UNITY, WEIGHT_EXP, QLayer, QuantizedNet, quantize_graph
+from tmkt.export.report import ExportError, ExportReport, ExportVerificationError
+from tmkt.fileio import atomic_path
+
+PRECISION = "int8"
+OPSET = 17
+IR_VERSION = 8  # what opset 17 needs; onnxruntime refuses IR versions newer than it knows
+V_MIN = -(UV_MAX - 1)  # the chip's membrane saturates at +-(2^23 - 1)
+
+
+class Int8VerificationError(ExportVerificationError):
+    """onnxruntime's integer model disagrees with the Loihi simulator; `.report` holds the numbers."""
+
+    def __init__(self, message: str, report: "Int8VerifyReport") -> None:
+        super().__init__(message, asdict(report))
+        self.report = report
+
+
+# ---------------------------------------------------------------- plan: what each layer runs
+
+
+@dataclass(frozen=True)
+class SumPool:
+    """A sum pooling (count_include_pad average pooling times k*k) on uint8 spikes."""
+
+    kernel: tuple[int, int]
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+
+
+@dataclass(frozen=True)
+class IntLayer:
+    """One layer of the int8 model: a netx layer, possibly with its pooling taken back out.
+
+    weight: integers of the synapse as run (conv `[O, I, kh, kw]`, dense `[O, I]` in the netx
+    flatten order C, H, W); `pool`: the sum pooling before it (None: the weight is the netx one).
+    """
+
+    q: QLayer
+    weight: np.ndarray
+    stride: tuple[int, int]
+    padding: tuple[int, int]
+    dilation: tuple[int, int]
+    pool: SumPool | None
+    in_shape: tuple[int, ...]  # what the synapse reads after `pool`: (C, H, W) or (N,)
+
+    @property
+    def name(self) -> str:
+        return self.q.name
+
+
+def _pools_before_synapses(graph: DeployGraph) -> list[AvgPool2d | None]:
+    """For every Conv2d/Dense of the chain, in order: the AvgPool2d feeding it directly, or None."""
+    out: list[AvgPool2d | None] = []
+    for name, node in graph.nodes.items():
+        if isinstance(node, (Conv2d, Dense)):
+            src = graph.nodes[graph.inputs[name][0]]
+            out.append(src if isinstance(src, AvgPool2d) and isinstance(node, Conv2d) else None)
+    return out
+
+
+def _spread(small: np.ndarray, pool: AvgPool2d, dilation: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
+    """The folded kernel of `quantize.fold_pool_into_conv` built from integer taps `small`."""
+    (k_h, k_w), (s_h, s_w) = pool.kernel_size, pool.stride
+    out = np.zeros(shape, np.int64)
+    for ty in range(small.shape[2]):
+        for tx in range(small.shape[3]):
+            y, x = s_h * dilation[0] * ty, s_w * dilation[1] * tx
+            out[:, :, y:y + k_h, x:x + k_w] += small[:, :, ty:ty + 1, tx:tx + 1]
+    return out
+
+
+def _unfold_pool(q: QLayer, pool: AvgPool2d, conv: Conv2d) -> IntLayer | None:
+    """The layer as sum pooling + the small integer kernel, when that is exactly the folded
+    kernel (the folded taps of one pooling window all rounded to the same integer); else None."""
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = pool.kernel_size, pool.stride, pool.padding
+    if k_h * k_w > 255:  # the pooled sum must fit uint8
+        return None
+    d = conv.dilation
+    small = q.weight[:, :, :: s_h * d[0], :: s_w * d[1]][:, :, : conv.kernel_size[0], : conv.kernel_size[1]]
+    if small.shape[2:] != conv.kernel_size or not np.array_equal(_spread(small.astype(np.int64), pool, d, q.weight.shape), q.weight):
+        return None
+    c, h, w = q.in_shape
+    pooled = (c, (h + 2 * p_h - k_h) // s_h + 1, (w + 2 * p_w - k_w) // s_w + 1)
+    return IntLayer(q, small.astype(np.int64), conv.stride, conv.padding, d, SumPool(pool.kernel_size, pool.stride, pool.padding), pooled)
+
+
+def int8_plan(graph: DeployGraph, net: QuantizedNet) -> list[IntLayer]:
+    """The layers of the int8 model for `net` = `quantize_graph(graph, ...)` (see the module docstring)."""
+    pools = _pools_before_synapses(graph)
+    synapses = [n for n, node in graph.nodes.items() if isinstance(node, (Conv2d, Dense))]
+    if len(pools) != len(net.layers):
+        raise ExportError(f"int8 ONNX: {len(net.layers)} quantized layers for {len(pools)} synapses in the graph")
+    plan: list[IntLayer] = []
+    for q, pool, name in zip(net.layers, pools, synapses):
+        if q.neuron.i_decay != DECAY_UNITY:
+            raise ExportError(f"int8 ONNX: layer {q.name!r} has iDecay {q.neuron.i_decay}; only 4096 (no current state)")
+        if q.kind == "conv" and q.groups != 1:
+            raise ExportError(f"int8 ONNX: layer {q.name!r} is a grouped convolution (groups={q.groups}); not supported")
+        unfolded = _unfold_pool(q, pool, graph.nodes[name]) if pool is not None else None  # type: ignore[arg-type]
+        if unfolded is not None:
+            plan.append(unfolded)
+            continue
+        weight = q.weight.astype(np.int64) if q.kind == "conv" else netx_dense_weight(q.weight)
+        plan.append(IntLayer(q, weight, q.stride, q.padding, q.dilation, None, tuple(q.in_shape)))
+    return plan
+
+
+def needs_floor(layer: IntLayer) -> bool:
+    """Whether the membrane can reach the chip's lower saturation -(2^23 - 1): with the most
+    negative current c (binary input, bias included, x64), v >= c * 4096 / vDecay at every step."""
+    q = layer.q
+    w = q.weight.reshape(q.weight.shape[0], -1).astype(np.int64)
+    worst = (64 * (q.bias.astype(np.int64) - np.clip(-w, 0, None).sum(1))).min()
+    if worst >= 0:
+        return False
+    if q.neuron.v_decay == 0:
+        return True
+    return -worst * DECAY_UNITY / q.neuron.v_decay >= UV_MAX - 1
+
+
+# ---------------------------------------------------------------- ONNX graph builder (NHWC)
+
+
+class _Graph:
+    """Nodes and initializers under construction, with fresh names."""
+
+    def __init__(self) -> None:
+        self.nodes: list[Any] = []
+        self.inits: list[Any] = []
+        self._count = 0
+        self._consts: dict[tuple, str] = {}
+
+    def name(self, hint: str) -> str:
+        self._count += 1
+        return f"{hint}_{self._count}"
+
+    def const(self, value: np.ndarray, hint: str = "c") -> str:
+        from onnx import numpy_helper
+
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes()) if value.size <= 16 else None
+        if key is not None and key in self._consts:
+            return self._consts[key]
+        name = self.name(hint)
+        self.inits.append(numpy_helper.from_array(value, name))
+        if key is not None:
+            self._consts[key] = name
+        return name
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, out: str | None = None, n_out: int = 1,
+           **attrs: Any) -> Any:
+        from onnx import helper
+
+        outs = [out] if out is not None else [self.name(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0] if n_out == 1 else outs
+
+
+def _i64(*v: int) -> np.ndarray:
+    return np.asarray(v, np.int64)
+
+
+def _pad_nhwc(g: _Graph, x: str, ph: int, pw: int) -> str:
+    if ph == 0 and pw == 0:
+        return x
+    return g.op("Pad", [x, g.const(_i64(0, ph, pw, 0, 0, ph, pw, 0))], "pad")
+
+
+def _shifted(g: _Graph, x: str, y0: int, x0: int, n_h: int, n_w: int, s_h: int, s_w: int) -> str:
+    """`x[:, y0 : y0 + s_h*(n_h-1)+1 : s_h, x0 : ... : s_w, :]` (NHWC)."""
+    starts, ends = g.const(_i64(y0, x0)), g.const(_i64(y0 + s_h * (n_h - 1) + 1, x0 + s_w * (n_w - 1) + 1))
+    return g.op("Slice", [x, starts, ends, g.const(_i64(1, 2)), g.const(_i64(s_h, s_w))], "slice")
+
+
+def _sum_pool(g: _Graph, x: str, pool: SumPool, shape: tuple[int, int, int]) -> str:
+    """uint8 sum pooling of an NHWC map of (C, H, W) `shape`."""
+    (k_h, k_w), (s_h, s_w), (p_h, p_w) = pool.kernel, pool.stride, pool.padding
+    _, h, w = shape
+    n_h, n_w = (h + 2 * p_h - k_h) // s_h + 1, (w + 2 * p_w - k_w) // s_w + 1
+    xp = _pad_nhwc(g, x, p_h, p_w)
+    total = None
+    for u in range(k_h):
+        for v in range(k_w):
+            part = _shifted(g, xp, u, v, n_h, n_w, s_h, s_w)
+            total = part if total is None else g.op("Add", [total, part], "pool")
+    return total  # type: ignore[return-value]
+
+
+def int8_mantissa(weight: np.ndarray) -> tuple[np.ndarray, int]:
+    """(m int8, e) with weight = m << e: the quantizer's 8-bit mantissa and exponent
+    (`quantize.WEIGHT_EXP`); e = 0 for integers that fit int8 as they are."""
+    w = np.asarray(weight, np.int64)
+    for e in (WEIGHT_EXP, 0):
+        m = w >> e
+        if np.array_equal(m << e, w) and m.min() >= -128 and m.max() <= 127:
+            return m.astype(np.int8), e
+    raise ExportError(f"int8 ONNX: weights {w.min()}..{w.max()} are not 8-bit mantissas (not from tmkt.export.quantize)")
+
+
+def _gemm(g: _Graph, cols: list[str], k: int, weight_cols: np.ndarray, hint: str) -> tuple[str, int]:
+    """(int32 `[M, O]`, e): the im2col pieces `cols` (uint8, concatenated on the last axis, K wide
+    together) @ the int8 mantissas of `weight_cols` `[K, O]`; the current is that << e."""
+    m, e = int8_mantissa(weight_cols)
+    a = cols[0] if len(cols) == 1 else g.op("Concat", cols, "im2col", axis=-1)
+    a = g.op("Reshape", [a, g.const(_i64(-1, k))], "rows")
+    return g.op("MatMulInteger", [a, g.const(m, f"{hint}_w")], f"{hint}_a"), e
+
+
+def _synapse(g: _Graph, x: str, layer: IntLayer, in_shape: tuple[int, ...]) -> tuple[str, int, tuple[int, ...]]:
+    """Mantissa current of `layer` for spikes `x` (uint8, NHWC `[N, H, W, C]` or `[N, F]`) of
+    (C, H, W) / (F,) `in_shape`: returns (int32 `[rows, O]` a, e, per-sample shape of the
+    current, NHWC); the integer current (bias not yet added) is a << e."""
+    hint = layer.name.split("+")[0]
+    if layer.pool is not None:
+        x = _sum_pool(g, x, layer.pool, in_shape)  # type: ignore[arg-type]
+    o = layer.weight.shape[0]
+    if layer.q.kind == "dense":
+        w = layer.weight
+        if len(layer.in_shape) == 3:  # netx flattens (C, H, W); our maps are (H, W, C)
+            c, h, wd = layer.in_shape
+            w = w.reshape(o, c, h, wd).transpose(0, 2, 3, 1).reshape(o, -1)
+        return (*_gemm(g, [x], w.shape[1], w.T, hint), (o,))
+    c, h, w = layer.in_shape
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = layer.weight.shape[2:], layer.stride, layer.padding, layer.dilation
+    ho, wo = (h + 2 * ph - dh * (kh - 1) - 1) // sh + 1, (w + 2 * pw - dw * (kw - 1) - 1) // sw + 1
+    xp = _pad_nhwc(g, x, ph, pw)
+    if (kh, kw, sh, sw, ph, pw) == (1, 1, 1, 1, 0, 0):
+        cols = [xp]
+    else:
+        cols = [_shifted(g, xp, ty * dh, tx * dw, ho, wo, sh, sw) for ty in range(kh) for tx in range(kw)]
+    weight_cols = layer.weight.transpose(2, 3, 1, 0).reshape(kh * kw * c, o)  # (tap y, tap x, channel) rows
+    return (*_gemm(g, cols, kh * kw * c, weight_cols, hint), (ho, wo, o))
+
+
+def _decay(g: _Graph, v: str, v_decay: int) -> str | None:
+    """trunc(v * (4096 - vDecay) / 4096) in int32 (int64 where the product could overflow);
+    None when it is zero."""
+    num = DECAY_UNITY - int(v_decay)
+    if num == 0:
+        return None
+    div = math.gcd(num, DECAY_UNITY)
+    num, den = num // div, DECAY_UNITY // div
+    if num * UV_MAX < 2**31:  # |v| <= 2^23: the product fits int32; Div on integers truncates toward 0
+        prod = v if num == 1 else g.op("Mul", [v, g.const(np.int32(num))], "decay")
+        return prod if den == 1 else g.op("Div", [prod, g.const(np.int32(den))], "decay")
+    wide = g.op("Cast", [v], "v64", to=7)  # INT64
+    wide = g.op("Div", [g.op("Mul", [wide, g.const(np.int64(num))], "decay"), g.const(np.int64(den))], "decay")
+    return g.op("Cast", [wide], "decay", to=6)  # INT32
+
+
+def _lif_step(g: _Graph, c: str, v: str | None, layer: IntLayer, floor: bool) -> tuple[str, str]:
+    """One CUBA step on the scaled current `c` = 64 * (a + bias) from membrane `v` (None: at rest);
+    returns (spikes bool, new membrane)."""
+    n = layer.q.neuron
+    d = None if v is None else _decay(g, v, n.v_decay)
+    h = c if d is None else g.op("Add", [d, c], "v")
+    if floor:
+        h = g.op("Max", [h, g.const(np.int32(V_MIN))], "v")
+    s = g.op("Greater", [h, g.const(np.int32(n.v_th_mant << 6))], "s")
+    return s, g.op("Where", [s, g.const(np.int32(0)), h], "v")
+
+
+def _scaled_current(g: _Graph, a: str, e: int, layer: IntLayer, factor: int) -> str:
+    """factor * ((a << e) + bias), int32, bias broadcast on the last (channel) axis."""
+    bias = layer.q.bias.astype(np.int64) * factor
+    gain = factor << e  # the mantissa's exponent and the factor in one multiply
+    scaled = a if gain == 1 else g.op("Mul", [a, g.const(np.int32(gain))], "a")
+    return g.op("Add", [scaled, g.const(bias.astype(np.int32), f"{layer.name.split('+')[0]}_b")], "c")
+
+
+def _input_spikes(g: _Graph, frames: str, shape: tuple[int, int, int]) -> str:
+    """Frames `[N, C, H, W]` float -> uint8 NHWC spikes (frame > 0.5, as the chip's input layer)."""
+    s = g.op("Greater", [frames, g.const(np.float32(INPUT_THRESHOLD))], "in")
+    s = g.op("Cast", [s], "in", to=2)  # UINT8
+    return g.op("Transpose", [s], "in_nhwc", perm=[0, 2, 3, 1])
+
+
+def _value(name: str, elem: int, shape: list[Any]) -> Any:
+    from onnx import helper
+
+    return helper.make_tensor_value_info(name, elem, shape)
+
+
+def _build_unrolled(plan: list[IntLayer], net: QuantizedNet, t: int, debug: bool) -> tuple[_Graph, list, list]:
+    from onnx import TensorProto as TP
+
+    g = _Graph()
+    c, h, w = net.input_shape
+    k = plan[-1].weight.shape[0]
+    frames = g.op("Reshape", ["events", g.const(_i64(-1, c, h, w))], "frames")
+    x, shape = _input_spikes(g, frames, net.input_shape), tuple(net.input_shape)
+    outputs = [_value("logits", TP.FLOAT, ["batch", k]), _value("step_logits", TP.FLOAT, [t, "batch", k])]
+    debug_outs = []
+    for layer in plan[:-1]:
+        a, e, out_shape = _synapse(g, x, layer, shape)
+        cur = g.op("Reshape", [_scaled_current(g, a, e, layer, 64), g.const(_i64(t, -1))], "c_t")
+        steps = g.op("Split", [cur, g.const(np.ones(t, np.int64))], "c_step", n_out=t, axis=0) if t > 1 else [cur]
+        v, spikes, floor = None, [], needs_floor(layer)
+        for ct in steps:
+            s, v = _lif_step(g, ct, v, layer, floor)
+            spikes.append(s)
+        s_all = spikes[0] if t == 1 else g.op("Concat", spikes, "s_all", axis=0)
+        s_all = g.op("Cast", [s_all], "s_u8", to=TP.UINT8)
+        x = g.op("Reshape", [s_all, g.const(_i64(-1, *out_shape))], "spikes")
+        shape = (out_shape[-1], *out_shape[:-1]) if len(out_shape) == 3 else out_shape
+        if debug:
+            name = f"s_{layer.name.split('+')[-1]}"
+            g.op("Identity", [x], out=name)
+            debug_outs.append(_value(name, TP.UINT8, ["rows", *out_shape]))
+    readout = plan[-1]
+    a, e, _ = _synapse(g, x, readout, shape)
+    current = g.op("Reshape", [_scaled_current(g, a, e, readout, 1), g.const(_i64(t, -1, k))], "readout")
+    scale = float(readout.q.scale)
+    step = g.op("Cast", [current], "step_f", to=TP.FLOAT)
+    g.op("Mul", [step, g.const(np.float32(1.0 / scale))], out="step_logits")
+    total = g.op("Cast", [g.op("ReduceSum", [current, g.const(_i64(0))], "sum", keepdims=0)], "sum_f", to=TP.FLOAT)
+    g.op("Mul", [total, g.const(np.float32(1.0 / (t * scale)))], out="logits")
+    if debug:
+        g.op("Identity", [current], out="readout_current")
+        debug_outs.append(_value("readout_current", TP.INT32, [t, "batch", k]))
+    inputs = [_value("events", TP.FLOAT, [t, "batch", c, h, w])]
+    return g, inputs, outputs + debug_outs
+
+
+def _state_shape(layer: IntLayer) -> list[int]:
+    """Per-sample shape of a LIF layer's membrane in the int8 model (NHWC: H, W, C; or N)."""
+    out = tuple(layer.q.out_shape)
+    return [out[1], out[2], out[0]] if len(out) == 3 else list(out)
+
+
+def int8_state_names(plan: list[IntLayer]) -> list[dict[str, Any]]:
+    """Per LIF layer of the stream model: input/output names, shape (batch excluded, H, W, C) and dtype."""
+    names = []
+    for layer in plan[:-1]:
+        lif = layer.name.split("+")[-1]
+        names.append({"layer": lif, "input": f"v_{lif}", "output": f"v_{lif}_out", "shape": _state_shape(layer),
+                      "dtype": "int32"})
+    return names
+
+
+def _build_stream(plan: list[IntLayer], net: QuantizedNet, debug: bool) -> tuple[_Graph, list, list]:
+    from onnx import TensorProto as TP
+
+    g = _Graph()
+    c, h, w = net.input_shape
+    k = plan[-1].weight.shape[0]
+    x, shape = _input_spikes(g, "frame", net.input_shape), tuple(net.input_shape)
+    inputs = [_value("frame", TP.FLOAT, ["batch", c, h, w])]
+    outputs = [_value("logits", TP.FLOAT, ["batch", k])]
+    states, debug_outs = int8_state_names(plan), []
+    for layer, st in zip(plan[:-1], states):
+        a, e, out_shape = _synapse(g, x, layer, shape)
+        cur = g.op("Reshape", [_scaled_current(g, a, e, layer, 64), g.const(_i64(-1, *out_shape))], "c")
+        inputs.append(_value(st["input"], TP.INT32, ["batch", *st["shape"]]))
+        s, v = _lif_step(g, cur, st["input"], layer, needs_floor(layer))
+        g.op("Identity", [v], out=st["output"])
+        outputs.append(_value(st["output"], TP.INT32, ["batch", *st["shape"]]))
+        x = g.op("Cast", [s], "spikes", to=TP.UINT8)
+        shape = (out_shape[-1], *out_shape[:-1]) if len(out_shape) == 3 else out_shape
+        if debug:
+            name = f"s_{st['layer']}"
+            g.op("Identity", [x], out=name)
+            debug_outs.append(_value(name, TP.UINT8, ["batch", *out_shape]))
+    readout = plan[-1]
+    a, e, _ = _synapse(g, x, readout, shape)
+    current = _scaled_current(g, a, e, readout, 1)
+    step = g.op("Cast", [current], "step_f", to=TP.FLOAT)
+    g.op("Mul", [step, g.const(np.float32(1.0 / float(readout.q.scale)))], out="logits")
+    if debug:
+        g.op("Identity", [current], out="readout_current")
+        debug_outs.append(_value("readout_current", TP.INT32, ["batch", k]))
+    return g, inputs, outputs + debug_outs
+
+
+def int8_model_proto(plan: list[IntLayer], net: QuantizedNet, mode: str, timesteps: int, debug: bool = False):
+    """The onnx.ModelProto of the int8 model (no metadata)."""
+    from onnx import helper
+
+    if mode not in MODES:
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    g, inputs, outputs = _build_unrolled(plan, net, timesteps, debug) if mode == "unrolled" else _build_stream(plan, net, debug)
+    graph = helper.make_graph(g.nodes, f"tmkt_int8_{mode}", inputs, outputs, g.inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
+                             producer_name="tmkt")
+
+
+# ---------------------------------------------------------------- export
+
+
+def _with_timesteps(graph: DeployGraph, t: int) -> DeployGraph:
+    return graph if graph.meta.get("timesteps") == t else replace(graph, meta={**graph.meta, "timesteps": t})
+
+
+def int8_metadata(graph: DeployGraph, net: QuantizedNet, plan: list[IntLayer], mode: str, t: int,
+                  source_run: str | os.PathLike | None) -> dict[str, Any]:
+    """The file's tmkt metadata: the float model's keys plus precision, quantizer figures and states."""
+    from tmkt.export.onnx import _io_names
+
+    inputs, outputs, _ = _io_names(graph, mode, False)
+    if mode == "stream":
+        inputs = ["frame"] + [s["input"] for s in int8_state_names(plan)]
+        outputs = ["logits"] + [s["output"] for s in int8_state_names(plan)]
+    extra: dict[str, Any] = {
+        "timesteps": t, "mode": mode, "precision": PRECISION, "onnx_inputs": inputs, "onnx_outputs": outputs,
+        "states": int8_state_names(plan) if mode == "stream" else [],
+        "input_threshold": INPUT_THRESHOLD,
+        "input_encoding": f"binary spikes: 1 where the event frame > {INPUT_THRESHOLD} (as the Loihi export)",
+        "quantizer": {
+            "function": "tmkt.export.quantize.quantize_graph (the Loihi netx export's)",
+            "layers": [l.name for l in plan], "scales": [float(l.q.scale) for l in plan],
+            "v_th_mant": [int(l.q.neuron.v_th_mant) for l in plan[:-1]],
+            "v_decay": [int(l.q.neuron.v_decay) for l in plan[:-1]],
+            "pool_unfolded": [l.pool is not None for l in plan],
+            "readout_range": net.meta.get("readout_range"),
+        },
+    }
+    if source_run is not None:
+        extra["source_run"] = str(Path(source_run).resolve())
+    meta = graph_metadata(graph.meta, **extra)
+    meta.pop("readout_range", None)
+    return meta
+
+
+def export_onnx_int8(
+    graph: DeployGraph,
+    path: str | os.PathLike,
+    *,
+    verify: bool = True,
+    mode: str = "unrolled",
+    timesteps: int | None = None,
+    calibration: np.ndarray | None = None,
+    source_run: str | os.PathLike | None = None,
+    check_samples: int = 4,
+    seed: int = 0,
+) -> ExportReport:
+    """Write `graph` as an int8 ONNX model: the Loihi export's quantized network (see the module
+    docstring); inputs and outputs as `export_onnx`'s, the stream model's membranes int32 NHWC.
+
+    Args:
+        graph: deploy graph with full metadata (`lower_run`); a feed-forward chain (small, vgg).
+        path: destination `.onnx`, written atomically.
+        verify: compare onnxruntime with the bit-accurate Loihi simulator before the file
+            appears (`verify_onnx_int8`); raises Int8VerificationError on any differing spike
+            or readout current. The checker runs either way.
+        mode: "unrolled" or "stream".
+        timesteps: T; default the graph's. The readout's scale is set for T steps.
+        calibration: binary input spikes `[T, N, C, H, W]` of training samples
+            (`netx.calibration_from_run`): the readout's range, exactly as the netx export (pass
+            the same to both and both carry the same integers); also the real inputs checked.
+        source_run: the run directory, recorded so that `tmkt eval FILE` finds the float model.
+        check_samples: random (and as many real) samples verified.
+    """
+    import onnx
+
+    if mode not in MODES:
+        raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
+    t = int(timesteps if timesteps is not None else graph.meta.get("timesteps", 0))
+    if t < 1:
+        raise ExportError(f"timesteps must be >= 1 (none given and graph.meta has none), got {t}")
+    for name, node in graph.nodes.items():
+        if isinstance(node, Add):
+            raise ExportError(f"layer {name!r} (residual Add): the int8 model is the Loihi export's quantized network, "
+                              "a plain chain of layers; export this backbone as float ONNX (without --int8)")
+    mismatch = input_mismatch(graph.meta)
+    if mismatch:
+        warnings.warn(f"int8 ONNX: {mismatch}; its accuracy will differ from the float model's", InputMismatchWarning,
+                      stacklevel=2)
+    graph = _with_timesteps(graph, t)
+    net = quantize_graph(graph, calibration)
+    plan = int8_plan(graph, net)
+    proto = int8_model_proto(plan, net, mode, t)
+    meta = int8_metadata(graph, net, plan, mode, t, source_run)
+    proto.doc_string = f"tmkt int8 {mode} SNN (the Loihi export's integers): {meta.get('backbone', '?')}, T={t}"
+    onnx.helper.set_model_props(proto, encode_metadata(meta))
+    data = proto.SerializeToString()
+    checks = {"onnx.checker": "ok", "onnxruntime vs Loihi simulator": "skipped"}
+    figures: dict[str, Any] = {"layers": len(plan), "pool_unfolded": sum(l.pool is not None for l in plan)}
+    path = Path(path)
+    with atomic_path(path, suffix=".onnx") as tmp:
+        tmp.write_bytes(data)
+        onnx.checker.check_model(str(tmp), full_check=True)
+        if verify:
+            spikes = random_spikes(net, check_samples, seed, rate=0.3)
+            real = 0
+            if calibration is not None and calibration.shape[0] == t:  # real samples binned with this T
+                real = min(check_samples, calibration.shape[1])
+                spikes = np.concatenate([np.asarray(calibration[:, :real], np.uint8), spikes], axis=1)
+            report = verify_onnx_int8(graph, net, tmp, spikes, real_samples=real)
+            if not report.ok:
+                raise Int8VerificationError(f"{path}: onnxruntime disagrees with the Loihi simulator: {report.summary()}", report)
+            checks["onnxruntime vs Loihi simulator"] = report.summary()
+            figures.update(asdict(report))
+    return ExportReport("onnx", path, f"int8 {mode}, T={t}, {len(data) / 1024:.1f} KiB", checks, figures)
+
+
+# ---------------------------------------------------------------- verification
+
+
+@dataclass(frozen=True)
+class Int8VerifyReport:
+    """onnxruntime's int8 model vs the bit-accurate Loihi simulator on the same binary spikes.
+
+    spikes: spikes compared (all LIF layers, steps, samples); spike_differences per layer;
+    current_differences: readout currents (integers, per step) that differ;
+    max_abs_logit_diff: the file's logits vs the simulator's integer sum / (T * scale);
+    twin_agrees: the file's logits equal those of its debug twin (which gives the spikes);
+    chip_agreement: share of samples whose argmax equals the chip readout's (`SimResult.prediction`).
+    """
+
+    mode: str
+    timesteps: int
+    samples: int
+    real_samples: int
+    spikes: int
+    spike_differences: dict[str, int]
+    current_differences: int
+    max_abs_logit_diff: float
+    twin_agrees: bool
+    chip_agreement: float
+
+    @property
+    def ok(self) -> bool:
+        return self.twin_agrees and self.current_differences == 0 and not any(self.spike_differences.values())
+
+    def summary(self) -> str:
+        head = (f"{self.mode} T={self.timesteps}, {self.samples} samples ({self.real_samples} real): ")
+        if self.ok:
+            return head + (f"{self.spikes:,} spikes and every readout current identical, max |dlogit| "
+                           f"{self.max_abs_logit_diff:.2g}, argmax = chip readout on {self.chip_agreement:.0%}")
+        bad = {k: v for k, v in self.spike_differences.items() if v}
+        return head + (f"spikes differ {bad}, {self.current_differences} readout currents differ"
+                       + ("" if self.twin_agrees else ", the file disagrees with its debug twin"))
+
+
+def _session(model: str | bytes):
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.log_severity_level = 3
+    return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
+
+
+def run_int8(sess, mode: str, plan: list[IntLayer], frames: np.ndarray, debug: bool) -> dict[str, Any]:
+    """Run frames `[T, B, C, H, W]` through an int8 session: {"step_logits" [T, B, K], "logits"
+    [B, K]; with `debug` (a debug twin) "spikes" per LIF layer `[T, B, C, H, W]`/`[T, B, N]` and
+    "readout_current" `[T, B, K]`}."""
+    t, b = frames.shape[:2]
+    names = [s["layer"] for s in int8_state_names(plan)]
+    frames = np.ascontiguousarray(frames, np.float32)
+    out: dict[str, Any] = {}
+    if mode == "unrolled":
+        res = dict(zip([o.name for o in sess.get_outputs()], sess.run(None, {"events": frames})))
+        out.update(step_logits=res["step_logits"], logits=res["logits"])
+        if debug:
+            out["spikes"] = {n: res[f"s_{n}"].reshape(t, b, *res[f"s_{n}"].shape[1:]) for n in names}
+            out["readout_current"] = res["readout_current"]
+    else:
+        states = {f"v_{s['layer']}": np.zeros((b, *s["shape"]), np.int32) for s in int8_state_names(plan)}
+        steps, spikes, currents = [], {n: [] for n in names}, []
+        outs = [o.name for o in sess.get_outputs()]
+        for f in frames:
+            res = dict(zip(outs, sess.run(None, {"frame": f, **states})))
+            steps.append(res["logits"])
+            states = {k: res[f"{k}_out"] for k in states}
+            if debug:
+                for n in names:
+                    spikes[n].append(res[f"s_{n}"])
+                currents.append(res["readout_current"])
+        out.update(step_logits=np.stack(steps), logits=np.stack(steps).mean(0))
+        if debug:
+            out["spikes"] = {n: np.stack(v) for n, v in spikes.items()}
+            out["readout_current"] = np.stack(currents)
+    if debug:  # NHWC -> the simulator's (C, H, W)
+        out["spikes"] = {n: (s.transpose(0, 1, 4, 2, 3) if s.ndim == 5 else s) for n, s in out["spikes"].items()}
+    return out
+
+
+def verify_onnx_int8(graph: DeployGraph, net: QuantizedNet, path: str | os.PathLike, spikes: np.ndarray, *,
+                     real_samples: int = 0) -> Int8VerifyReport:
+    """Run the int8 file at `path` and the Loihi simulator on binary `spikes` `[T, B, C, H, W]`:
+    spikes of every layer and readout currents must be identical (see `Int8VerifyReport`)."""
+    meta = read_onnx_metadata(path)
+    mode, t = meta["mode"], int(meta["timesteps"])
+    plan = int8_plan(graph, net)
+    spikes = np.asarray(spikes[:t], np.uint8)
+    sim = simulate(net, spikes)
+    got = run_int8(_session(str(path)), mode, plan, spikes.astype(np.float32), debug=False)
+    twin = run_int8(_session(int8_model_proto(plan, net, mode, t, debug=True).SerializeToString()), mode, plan,
+                    spikes.astype(np.float32), debug=True)
+    names = [s["layer"] for s in int8_state_names(plan)]
+    diffs = {n: int((twin["spikes"][n] != sim.spikes[1 + k]).sum()) for k, n in enumerate(names)}
+    readout = net.layers[-1]
+    tb = spikes.shape[0] * spikes.shape[1]
+    src = sim.spikes[-2].reshape(tb, *sim.spikes[-2].shape[2:])
+    want_current = (layer_current(readout, src) + readout.bias.astype(np.int64)).reshape(twin["readout_current"].shape)
+    current_diff = int((twin["readout_current"] != want_current).sum())
+    want_logits = sim.readout_current / (t * readout.scale)
+    logit_diff = float(np.abs(got["logits"] - want_logits).max())
+    twin_same = bool(np.array_equal(got["step_logits"], twin["step_logits"]))
+    chip = float((got["logits"].argmax(1) == sim.prediction).mean())
+    return Int8VerifyReport(mode, t, int(spikes.shape[1]), int(real_samples), int(sum(s.size for s in sim.spikes[1:-1])),
+                            diffs, current_diff, logit_diff, twin_same, chip)
+
+
+def int8_network(graph: DeployGraph, calibration: np.ndarray | None = None) -> tuple[QuantizedNet, list[IntLayer]]:
+    """The quantized network (the Loihi export's) and the int8 model's layers for `graph`."""
+    net = quantize_graph(graph, calibration)
+    return net, int8_plan(graph, net)
+
+
+def input_spikes(frames: np.ndarray) -> np.ndarray:
+    """Frames as the int8 model (and the chip) sees them: uint8 spikes, frame > 0.5."""
+    return to_spikes(frames, INPUT_THRESHOLD)
