@@ -29,6 +29,7 @@ import shlex
 import statistics
 import sys
 import time
+import traceback
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from datetime import datetime, timezone
 from multiprocessing import get_context
@@ -341,10 +342,18 @@ def main(argv: list[str] | None = None) -> None:
     runs = [r for r in planned if r["config"]["out"] not in done]
     t0 = time.perf_counter()
     print(f"{len(planned)} runs ({len(rows)} already in {log}), {args.jobs} at a time", flush=True)
+    failed = []
     with ProcessPoolExecutor(max_workers=args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_run_one, r) for r in runs]
+        futures = {pool.submit(_run_one, r): r for r in runs}
         for fut in as_completed(futures):
-            row = fut.result()
+            try:
+                row = fut.result()
+            except Exception as e:  # one failed run is reported at once; the others go on
+                out = futures[fut]["config"]["out"]
+                failed.append(out)
+                print(f"FAILED {out}: {type(e).__name__}: {e}", flush=True)
+                traceback.print_exception(e, file=sys.stdout)
+                continue
             rows.append(row)
             with log.open("a") as f:
                 f.write(json.dumps(row) + "\n")
@@ -354,7 +363,10 @@ def main(argv: list[str] | None = None) -> None:
                 flush=True,
             )
     wall = time.perf_counter() - t0 + sum(r["seconds"] for r in rows if r["run_dir"] in done) / max(1, args.jobs)
-    _write(markdown(rows, args, command, wall), args, rows)
+    if rows:
+        _write(markdown(rows, args, command, wall), args, rows)
+    if failed:
+        raise SystemExit(f"{len(failed)} of {len(runs)} runs failed (not in {log}; a rerun retries them): {', '.join(failed)}")
 
 
 def _write(section: str, args: argparse.Namespace, rows: list[dict[str, Any]]) -> None:

@@ -47,3 +47,25 @@ def test_plan_turns_per_class_counts_into_exact_per_class_subsets(tmp_path):
         assert r["per_class"] == [n] * 10 and r["n_train"] == 10 * n
     paper = runs[1]["config"]["method"]
     assert paper["name"] == "tmkt" and paper["source_head"] == "mixed" and paper["bn_stats"] == "both"
+
+
+def test_a_failing_run_is_reported_and_the_grid_goes_on(tmp_path, capsys):
+    # An unknown MethodConfig field makes every run fail inside its worker: each failure is
+    # printed with its run directory as it happens, nothing is logged as a result, and the
+    # bench exits non-zero naming the runs (it used to sit silently until the pool drained).
+    runs_dir = tmp_path / "runs"
+    argv = ["--sets", "digits", "--per-class", "2", "--seeds", "0", "--steps", "1", "--evals", "1",
+            "--variants", "dvs,ekt-shared", "--set", "no_such_field=1", "--runs-dir", str(runs_dir),
+            "--results", str(tmp_path / "r.md"), "--plot", "", "--jobs", "1"]
+    try:
+        methods.main(argv)
+    except SystemExit as e:
+        message = str(e.code)
+    else:
+        raise AssertionError("a grid whose runs all failed exited 0")
+    assert message.startswith("2 of 2 runs failed")
+    assert "dvs-2class-s0" in message and "ekt-shared-2class-s0" in message
+    out = capsys.readouterr().out
+    assert out.count("FAILED ") == 2 and "no_such_field" in out
+    log = runs_dir / "results.jsonl"
+    assert not log.exists() or not log.read_text().strip()
