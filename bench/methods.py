@@ -148,7 +148,8 @@ def _run_one(run: dict[str, Any]) -> dict[str, Any]:
     torch.set_num_threads(run["threads"])
     cfg = config_from_dict(run["config"])
     t0 = time.perf_counter()
-    result = train(cfg, console=Console(file=io.StringIO()))
+    # A run directory that is not in results.jsonl is an interrupted run of this bench: retrain it.
+    result = train(cfg, console=Console(file=io.StringIO()), overwrite=True)
     seconds = time.perf_counter() - t0
     c = run["config"]
     return {
