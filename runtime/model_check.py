@@ -64,10 +64,17 @@ def _metadata(path: str, proto) -> dict[str, Any]:
     from tmkt.export.metadata import MetadataError, data_spec, decode_metadata
     from tmkt.export.onnx import MODES
 
-    try:
-        props = {p.key: p.value for p in proto.metadata_props}
-    except UnicodeDecodeError as exc:
-        raise ModelFileError(f"{path}: metadata is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    props = {}
+    for prop in proto.metadata_props:
+        try:
+            key, value = prop.key, prop.value
+        except UnicodeDecodeError as exc:
+            raise ModelFileError(f"{path}: metadata is not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+        for text in (key, value):
+            if not isinstance(text, str):  # protobuf hands invalid UTF-8 back as bytes
+                where = key if isinstance(key, str) else repr(key[:40])
+                raise ModelFileError(f"{path}: metadata entry {where!r} is not UTF-8 text")
+        props[key] = value
     meta = decode_metadata(props, path)  # MetadataError names the file and the key
     if meta.get("mode") not in MODES:
         raise ModelFileError(f"{path}: metadata 'mode' must be one of {MODES}, got {meta.get('mode')!r}"[:300])
@@ -150,26 +157,11 @@ def _check_io(path: str, proto, meta: dict[str, Any]) -> None:
     t = meta["timesteps"]
     c, h, w = meta["input_shape"]
     k = len(meta["class_names"])
+    states = meta.get("states", []) if meta["mode"] == "stream" else []
     if meta["mode"] == "unrolled":
         wanted = {"events": [t, None, c, h, w]}
-        logits = by_name.get("step_logits")
-        if logits is None:
-            raise ModelFileError(f"{path}: the unrolled model has no output 'step_logits' (outputs: {list(by_name)})")
-        logits_dims: list[int | None] = [t, None, k]
     else:
-        states = meta.get("states", [])
         wanted = {"frame": [None, c, h, w], **{s["input"]: [None, *s["shape"]] for s in states}}
-        logits, logits_dims = (outputs[0] if outputs else None), [None, k]
-        if len(outputs) < 1 + len(states):
-            raise ModelFileError(
-                f"{path}: the stream model gives {len(outputs)} output(s); the metadata's {len(states)} state(s) "
-                f"need logits and one membrane each"
-            )
-        for i, s in enumerate(states):
-            out = by_name.get(s["output"]) if "output" in s else outputs[1 + i]
-            if out is None:
-                raise ModelFileError(f"{path}: the stream model has no output {s['output']!r} for state {s['input']!r}")
-            _expect(path, "output", out, _DTYPES[s.get("dtype", "float32")], [None, *s["shape"]])
     missing = [name for name in wanted if name not in feeds]
     extra = [name for name in feeds if name not in wanted]
     if missing or extra:
@@ -177,13 +169,26 @@ def _check_io(path: str, proto, meta: dict[str, Any]) -> None:
             f"{path}: the graph's inputs {sorted(feeds)} do not match its {meta['mode']} metadata, which feeds "
             f"{sorted(wanted)}" + (f" (missing {missing})" if missing else "") + (f" (unexpected {extra})" if extra else "")
         )
-    dtypes = {s["input"]: _DTYPES[s.get("dtype", "float32")] for s in meta.get("states", [])} if meta["mode"] == "stream" else {}
+    dtypes = {s["input"]: _DTYPES[s.get("dtype", "float32")] for s in states}
     for name, dims in wanted.items():
         _expect(path, "input", feeds[name], dtypes.get(name, 1), dims)
-    if logits is None:
-        raise ModelFileError(f"{path}: the model has no outputs")
-    # the classifier names class k for output k: as many class names as logits
-    _expect(path, "output", logits, 1, logits_dims)
+    # the classifier names class k for logit k: as many class names as logits
+    if meta["mode"] == "unrolled":
+        if "step_logits" not in by_name:
+            raise ModelFileError(f"{path}: the unrolled model has no output 'step_logits' (outputs: {list(by_name)})")
+        _expect(path, "output", by_name["step_logits"], 1, [t, None, k])
+        return
+    if len(outputs) < 1 + len(states):
+        raise ModelFileError(
+            f"{path}: the stream model gives {len(outputs)} output(s); its {len(states)} state(s) need the logits "
+            "and one membrane each"
+        )
+    _expect(path, "output", outputs[0], 1, [None, k])
+    for i, s in enumerate(states):
+        out = by_name.get(s["output"]) if "output" in s else outputs[1 + i]
+        if out is None:
+            raise ModelFileError(f"{path}: the stream model has no output {s['output']!r} for state {s['input']!r}")
+        _expect(path, "output", out, _DTYPES[s.get("dtype", "float32")], [None, *s["shape"]])
 
 
 def check_model_file(path: str | os.PathLike) -> dict[str, Any]:

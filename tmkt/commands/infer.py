@@ -26,6 +26,25 @@ def _event_files(paths: list[Path]) -> list[Path]:
     return out
 
 
+def _windows(path: Path, window_us: int, limits, max_windows: int):
+    """The windows of `split_windows` on the file's events, read a chunk at a time: a first pass
+    finds the span (the window count is checked against `max_windows` before any is classified)
+    and whether time goes back; a file whose timestamps go back is read whole and sorted."""
+    from tmkt.data.binning import check_window_count
+    from tmkt.data.events import open_events, read_events, time_windows
+    from tmkt.runtime.classifier import split_windows
+
+    scan = open_events(path, limits=limits)
+    for _ in scan.chunks():
+        pass
+    if not scan.sorted:
+        return split_windows(read_events(path, limits=limits).events, window_us, max_windows=max_windows)
+    if scan.count == 0:
+        return []
+    check_window_count(scan.t_min, scan.t_max, window_us, max_windows)
+    return time_windows(open_events(path, limits=limits).chunks(), window_us, str(path))
+
+
 def infer(
     model: Path = typer.Argument(..., help="ONNX model written by `tmkt export` (unrolled or stream)."),
     events: Optional[list[Path]] = typer.Argument(
@@ -67,16 +86,25 @@ def infer(
         help="With --window-ms: refuse a recording that would give more windows than this (a file is "
         "reported, the others go on); live: refuse a time jump of more windows than this.",
     ),
+    max_expansion: float = typer.Option(
+        100.0, "--max-expansion", min=1.0,
+        help="Refuse a compressed .npz/.h5 whose arrays declare more than this many times the bytes it "
+        "stores (a decompression bomb); raise it for a genuine, extremely compressible file.",
+    ),
 ) -> None:
     """Predict the class of each recording (or each window) with onnxruntime, with latency; or of each
     window of a live stream (--live, --follow, --camera) with the stream model's state carried on.
-    Ctrl-C ends a live run with its summary."""
+    Ctrl-C ends a live run with its summary.
+
+    With --window-ms a file is read a chunk at a time (memory does not grow with its length); a
+    file whose timestamps go back is read whole and sorted. A file that cannot be read or
+    classified is reported on its own line and the others go on; the exit code is then 1."""
     import json
     import warnings as py_warnings
 
-    from tmkt.data.events import read_events
+    from tmkt.data.events import ReadLimits, read_events
     from tmkt.errors import TmktError
-    from tmkt.runtime.classifier import PROVIDERS, EventClassifier, InputWarning, split_windows
+    from tmkt.runtime.classifier import PROVIDERS, EventClassifier
 
     if provider not in PROVIDERS:
         raise typer.BadParameter(f"must be one of {', '.join(PROVIDERS)}", param_hint="--provider")
@@ -106,11 +134,15 @@ def infer(
         raise typer.BadParameter("give event files or folders, or a live source (--live, --follow, --camera)",
                                  param_hint="EVENTS")
     files = _event_files(events)
+    hint = "" if model.suffix.lower() == ".onnx" else " (infer takes the .onnx file of `tmkt export --target onnx`)"
     try:
         clf = EventClassifier(model, provider=provider)
     except TmktError as e:
-        hint = "" if model.suffix.lower() == ".onnx" else " (infer takes the .onnx file of `tmkt export --target onnx`)"
         fail(f"{e}{hint}")
+    except Exception as e:  # onnxruntime's own errors on a graph that passed the checks
+        first = (str(e).strip().splitlines() or [""])[0][:300]
+        fail(f"{model}: onnxruntime cannot load the model ({type(e).__name__}: {first}){hint}")
+    limits = ReadLimits(max_expansion=max_expansion)
     carry = (state or ("carry" if clf.mode == "stream" else "reset")) == "carry"
     if carry and clf.mode != "stream":
         raise typer.BadParameter(
@@ -123,23 +155,21 @@ def infer(
     warned: list[dict] = []
     for f in files:
         try:
-            rec = read_events(f)
             with py_warnings.catch_warnings(record=True) as caught:
-                py_warnings.simplefilter("always", InputWarning)
+                py_warnings.simplefilter("always")
                 if window_ms is None:
-                    preds = [clf.predict(rec.events)]
+                    preds = [clf.predict(read_events(f, limits=limits).events)]
                 else:
-                    windows = split_windows(rec.events, int(round(window_ms * 1000)), max_windows=max_windows)
+                    windows = _windows(f, int(round(window_ms * 1000)), limits, max_windows)
                     preds = list(clf.stream(windows, carry_state=carry))
             for w in caught:
-                if not issubclass(w.category, InputWarning):
-                    py_warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
-                    continue
-                msg = f"{f}: {w.message}"
+                msg = str(w.message) if str(w.message).startswith(str(f)) else f"{f}: {w.message}"
                 warned.append({"file": str(f), "warning": msg})
                 if not as_json:
                     typer.echo(f"warning: {msg}", err=True)
-        except TmktError as e:
+        except (TmktError, MemoryError) as e:
+            if isinstance(e, MemoryError):
+                e = TmktError("out of memory (try --window-ms, which reads the file a chunk at a time)")
             msg = str(e) if str(e).startswith(str(f)) else f"{f}: {e}"  # binning and windows do not know the file
             errors.append({"file": str(f), "error": msg})
             if not as_json:

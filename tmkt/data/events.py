@@ -99,12 +99,12 @@ class ReadLimits:
             stores (counted over the arrays read; containers declaring under 64 MiB are exempt).
             Event arrays compress 2-10 fold; 100 leaves room and stops a 389 KB ``.npz`` that
             unpacks to 400 MB. CLI: ``--max-expansion``.
-        chunk_events: events per chunk of the streaming reader; a chunk costs about 60 bytes per
-            event while it is checked.
+        chunk_events: events (for .raw: 16- or 32-bit words) per chunk of the streaming reader;
+            a chunk costs up to about 150 bytes per event while it is decoded and checked.
     """
 
     max_expansion: float = 100.0
-    chunk_events: int = 1 << 20
+    chunk_events: int = 1 << 18
 
     def __post_init__(self) -> None:
         if not self.max_expansion >= 1:
