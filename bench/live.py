@@ -19,7 +19,8 @@ and latency p50/p99 from the arrival of a window's last event to its prediction;
 shared machine stretches wall times, CPU time: binning + onnxruntime per window (thread CPU, p50)
 and this process's CPU seconds per second of stream received (below 1: one dedicated core keeps
 up; the dropped windows' events were received but not binned). A run that falls behind drops
-windows and says so; figures are from one run on one machine.
+windows and says so; figures are from one run on one machine. Then the DV source once more, read
+alone with nothing classified: the CPU that receiving the stream costs by itself.
 """
 
 from __future__ import annotations
@@ -122,6 +123,23 @@ def dv_source(seconds: float, rate: float, core: int):
     return dv_network_source("127.0.0.1", port, connect_timeout=30), proc
 
 
+def drain(source) -> dict:
+    """The source alone, read in this thread and thrown away: what receiving the stream costs."""
+    from tmkt.runtime.live import LiveError
+
+    stop = threading.Event()
+    n, first, last = 0, None, None
+    c0 = time.process_time()
+    try:
+        for batch in source.open(stop):
+            n += len(batch.events)
+            first = first or batch.arrived
+            last = batch.arrived
+    except LiveError:  # the DV writer leaving at the end of its replay
+        pass
+    return {"received": n, "process_cpu_s": time.process_time() - c0, "wall_s": (last or 0) - (first or 0)}
+
+
 def run(source, clf, window_ms: float) -> dict:
     from tmkt.runtime.live import LiveError, run_live
 
@@ -159,6 +177,7 @@ def main() -> None:
     ap.add_argument("--window-ms", type=float, default=50.0)
     ap.add_argument("--rate", type=float, default=DAVIS_PEAK_EV_S, help="events/s (default: DAVIS346 peak, 12e6)")
     ap.add_argument("--source", default="both", choices=["both", "paced", "dv"])
+    ap.add_argument("--no-reader", action="store_true", help="skip the DV source read alone (no classification)")
     args = ap.parse_args()
 
     from rich.console import Console
@@ -186,6 +205,13 @@ def main() -> None:
             finally:
                 proc.kill()
                 proc.wait()
+            if not args.no_reader:
+                src, proc = dv_source(args.dv_seconds, args.rate, writer_core)
+                try:
+                    reader = drain(src)
+                finally:
+                    proc.kill()
+                    proc.wait()
 
     t = Table(title=f"live stream, small model (32x32, T=8), {args.window_ms:g} ms windows, "
                     f"{args.rate / 1e6:g} Mev/s DAVIS346, one core")
@@ -202,6 +228,12 @@ def main() -> None:
                   f"{r['compute_p50_ms'] or float('nan'):.1f}", f"{r['compute_cpu_p50_ms'] or float('nan'):.1f}",
                   f"{r['process_cpu_s'] / (r['received'] / args.rate):.2f}", r["end"])
     Console(width=220).print(t)
+    if args.source in ("both", "dv") and not args.no_reader:
+        sent = args.rate * args.dv_seconds
+        print(f"DV source read alone, no classification: {reader['received']:,} of {int(sent):,} events received, "
+              f"{reader['process_cpu_s'] / (reader['received'] / args.rate):.2f} CPU s per stream s "
+              f"(the share of the core that receiving costs before any binning)")
+    print(f"load average during the run: {os.getloadavg()[0]:.1f} on {os.cpu_count()} cores")
 
 
 if __name__ == "__main__":

@@ -156,15 +156,16 @@ class _Outside(Exception):
     """Raised inside the one-pass loop when an event lies outside the sensor."""
 
 
-def _load_coordinates(seg: np.ndarray, x: np.ndarray, y: np.ndarray, dx: int, dy: int, size, signed: bool) -> None:
+def _load_coordinates(seg: np.ndarray, x: np.ndarray, y: np.ndarray, dx: int, dy: int, size) -> None:
     """x, y of ``seg`` into the int64 buffers ``x``, ``y`` (shifted by dx, dy); raise _Outside when
-    one lies outside the sensor ``size`` (W, H). ``signed``: the values may be negative."""
+    one lies outside the sensor ``size`` (W, H)."""
     np.copyto(x, seg["x"], casting="unsafe")
     np.copyto(y, seg["y"], casting="unsafe")
     if dx or dy:
         x -= dx
         y -= dy
-    if x.max() >= size[0] or y.max() >= size[1] or (signed and (x.min() < 0 or y.min() < 0)):
+    # one max per axis: seen as unsigned, a negative coordinate is huge, so 0 <= x < W is u(x) < W
+    if x.view(np.uint64).max() >= size[0] or y.view(np.uint64).max() >= size[1]:
         raise _Outside
 
 
@@ -197,9 +198,6 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
     n_pix = grid_h * grid_w
     stride = 2 * n_pix
     dx = dy = 0
-    # coordinates copied from unsigned fields narrower than 64 bits cannot be negative (nor shifted ones)
-    fields = pieces[0].dtype.fields
-    signed = not shift and any(fields[k][0].kind != "u" or fields[k][0].itemsize == 8 for k in ("x", "y"))
     if shift:
         dx = min(int(p["x"].min()) for p in pieces)
         dy = min(int(p["y"].min()) for p in pieces)
@@ -225,7 +223,7 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
         lo = hi = None
         for _, seg in _segments(pieces):
             xb = np.empty(len(seg), dtype=np.int64)
-            _load_coordinates(seg, xb, np.empty_like(xb), dx, dy, sensor, signed)  # coordinates first (see above)
+            _load_coordinates(seg, xb, np.empty_like(xb), dx, dy, sensor)  # coordinates first (see above)
             t = integer_times(seg["t"])
             lo = int(t.min()) if lo is None else min(lo, int(t.min()))
             hi = int(t.max()) if hi is None else max(hi, int(t.max()))
@@ -239,7 +237,7 @@ def _count(pieces, n, sensor, n_bins, by, out_size, shift, ordered) -> np.ndarra
     for offset, seg in _segments(pieces):
         m = len(seg)
         x, y, f = xb[:m], yb[:m], flat[offset : offset + m]
-        _load_coordinates(seg, x, y, dx, dy, sensor, signed)
+        _load_coordinates(seg, x, y, dx, dy, sensor)
         if x_map is not None:
             x_map.take(x, out=x, mode="clip")  # inside the sensor: clip never acts
             y_map.take(y, out=y, mode="clip")
