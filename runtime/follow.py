@@ -27,6 +27,8 @@ from tmkt.errors import TmktError
 __all__ = ["FOLLOW_SUFFIXES", "FollowError", "decoder_for"]
 
 FOLLOW_SUFFIXES = (".raw", ".csv", ".txt")
+_T_MAX = 2**63 - 1
+_XY_MAX = 2**16 - 1
 
 
 class FollowError(TmktError, ValueError):
@@ -156,6 +158,15 @@ class _Raw:
         return np.empty(0, EVENT_DTYPE) if self.inner is None else self.inner.finish()
 
 
+def _integer(text: str) -> int:
+    """An integer field of a text event: exact for integers (a float loses digits past 2**53),
+    else a float's whole part ("12.0", "1e6")."""
+    try:
+        return int(text)
+    except ValueError:
+        return int(float(text))
+
+
 class _Text:
     def __init__(self, source: str) -> None:
         self.source = source
@@ -173,11 +184,14 @@ class _Text:
             if not text:
                 continue
             try:
-                t, x, y, p = (int(float(v)) for v in text)
-            except ValueError:
+                t, x, y, p = (_integer(v) for v in text)
+            except (ValueError, OverflowError):  # not numbers, NaN, or infinite
                 raise FollowError(f"{self.source}: line {self.line}: expected t,x,y,p, got {raw.strip()!r}") from None
             if x < 0 or y < 0 or t < 0:
                 raise FollowError(f"{self.source}: line {self.line}: negative value in {raw.strip()!r}")
+            if t > _T_MAX or x > _XY_MAX or y > _XY_MAX:  # what EVENT_DTYPE holds (int64 µs, uint16 pixels)
+                raise FollowError(f"{self.source}: line {self.line}: value out of range in {raw.strip()!r} "
+                                  f"(t <= 2**63 - 1 µs, x and y <= {_XY_MAX})")
             rows.append((x, y, t, int(p > 0)))
         return np.array(rows, EVENT_DTYPE) if rows else np.empty(0, EVENT_DTYPE)
 

@@ -414,6 +414,12 @@ def test_follow_text_and_unknown(tmp_path):
     assert np.array_equal(got, ev)
     with pytest.raises(FollowError, match="line 2"):
         decoder_for(tmp_path / "b.txt").feed(b"1 2 3 4\n1 2 x 4\n")
+    # timestamps of 1e30 or infinite, and pixels beyond uint16: a named error, not an OverflowError
+    for bad, why in ((b"1e30,1,2,1", "value out of range"), (b"inf,1,2,1", "expected t,x,y,p"),
+                     (b"9223372036854775808,1,2,1", "value out of range"), (b"5,70000,2,1", "value out of range")):
+        with pytest.raises(FollowError, match=f"line 2: {why}"):
+            decoder_for(tmp_path / "d.csv").feed(b"0,0,0,0\n" + bad + b"\n")
+    assert decoder_for(tmp_path / "e.csv").feed(b"9223372036854775807,65535,65535,1\n")["t"][0] == 2**63 - 1
     with pytest.raises(FollowError, match="--follow reads"):
         decoder_for(tmp_path / "c.aedat4")
 
