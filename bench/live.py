@@ -19,8 +19,10 @@ and latency p50/p99 from the arrival of a window's last event to its prediction;
 shared machine stretches wall times, CPU time: binning + onnxruntime per window (thread CPU, p50)
 and this process's CPU seconds per second of stream received (below 1: one dedicated core keeps
 up; the dropped windows' events were received but not binned). A run that falls behind drops
-windows and says so; figures are from one run on one machine. Then the DV source once more, read
-alone with nothing classified: the CPU that receiving the stream costs by itself.
+windows and says so; figures are from one run on one machine. Then what surrounds the
+classification, in CPU s per stream s: the in-process source read alone, run_live on it with a
+classifier that does nothing (windowing, queue), and the DV source read alone (what receiving the
+stream costs before any binning).
 """
 
 from __future__ import annotations
@@ -140,6 +142,36 @@ def drain(source) -> dict:
     return {"received": n, "process_cpu_s": time.process_time() - c0, "wall_s": (last or 0) - (first or 0)}
 
 
+class _NoClassifier:
+    """Stands in for the classifier to measure what run_live costs around it (windows, queue)."""
+
+    mode = "stream"
+
+    def __init__(self, spec) -> None:
+        self.spec = spec
+
+    def zero_state(self, batch: int) -> dict:
+        return {}
+
+    def classify_window(self, events, state, frames_per_chunk=None):
+        from tmkt.runtime.classifier import Prediction
+
+        return Prediction("none", 0, 1.0, np.ones(1), np.zeros(1), 0.0, 0), state
+
+
+def overhead(seconds: float, rate: float, window_ms: float, spec) -> tuple[float, float]:
+    """CPU s per stream s of the paced source read alone, and of run_live with no classification."""
+    from tmkt.runtime.live import run_live
+
+    c0 = time.process_time()
+    for _ in paced_source(seconds, rate).open(threading.Event()):
+        pass
+    source = (time.process_time() - c0) / seconds
+    c0 = time.process_time()
+    run_live(_NoClassifier(spec), paced_source(seconds, rate), int(window_ms * 1000), max_backlog=None)
+    return source, (time.process_time() - c0) / seconds
+
+
 def run(source, clf, window_ms: float) -> dict:
     from tmkt.runtime.live import LiveError, run_live
 
@@ -198,6 +230,7 @@ def main() -> None:
         clf.classify_window(np.zeros(0, dtype=[("x", "<u2"), ("y", "<u2"), ("t", "<i8"), ("p", "u1")]), clf.zero_state(1))
         if args.source in ("both", "paced"):
             results.append(("in-process, real time", run(paced_source(args.seconds, args.rate), clf, args.window_ms)))
+            costs = overhead(args.seconds, args.rate, args.window_ms, clf.spec)
         if args.source in ("both", "dv"):
             src, proc = dv_source(args.dv_seconds, args.rate, writer_core)
             try:
@@ -228,6 +261,9 @@ def main() -> None:
                   f"{r['compute_p50_ms'] or float('nan'):.1f}", f"{r['compute_cpu_p50_ms'] or float('nan'):.1f}",
                   f"{r['process_cpu_s'] / (r['received'] / args.rate):.2f}", r["end"])
     Console(width=220).print(t)
+    if args.source in ("both", "paced"):
+        print(f"in-process source read alone: {costs[0]:.2f} CPU s per stream s; run_live with no classification "
+              f"(source, windows, queue): {costs[1]:.2f}")
     if args.source in ("both", "dv") and not args.no_reader:
         sent = args.rate * args.dv_seconds
         print(f"DV source read alone, no classification: {reader['received']:,} of {int(sent):,} events received, "

@@ -16,15 +16,25 @@ Two ways to cut the stream into ``T`` bins, each event counted exactly once:
 - ``by="count"``: ``T`` bins of (nearly) equal event count, in array order; event ``i`` of
   ``N`` goes to bin ``floor(i * T / N)``, so bin sizes differ by at most one.
 
-How (one pass, no per-event or per-bin Python loop): x, y and p are read once from the
-structured array into a flat int64 index ``((bin * 2 + p) * H + y) * W + x`` and counted by one
-``np.bincount``. For time-sorted events (what readers and live streams deliver) the bins are
-contiguous runs found by ``searchsorted`` on the T - 1 edges, so no per-event time arithmetic
-is needed; unsorted events get theirs from exact integer arithmetic. A recording may be given as
-several arrays (the packets of a live window), binned as their concatenation without building it.
+How (one pass over the events, no per-event Python loop, nothing of the events' size copied but
+one int64 index): the events are taken in segments of ``_SEGMENT`` (16k); for each, x, y and p
+are read from the structured array into cache-sized buffers (sensor check, coordinate tables for
+``resize="events"``) and the flat index ``((bin * 2 + p) * H + y) * W + x`` is written; one
+``np.bincount`` counts them all (one per bin when the table of counts would exceed ``_CACHE_BYTES``:
+a cache-sized table is faster to fill). For time-sorted events (what readers and live streams
+deliver; checked on the way) each bin is a contiguous run found by ``searchsorted`` on the T - 1
+edges; unsorted events get their bins from exact integer arithmetic. A recording may be given as
+several arrays (the packets of a live window): they are binned as their concatenation, which is
+never built. Events outside the sensor either raise ValueError (:func:`to_frames`) or are dropped
+(:func:`bin_events` with ``outside="drop"``, as ``frames_from_events`` does): dropped events take
+no part at all, not in ``t_first``/``t_last`` nor in the timestamp checks.
 
-Frames larger than ``max_bytes`` (default :data:`MAX_FRAME_BYTES`, counting the int64 counts and
-the float32 frames) raise :class:`FrameSizeError` before anything is allocated.
+Limits, each a named error (a ``TmktError``, so the CLI prints one line): frames larger than
+``max_bytes`` (default :data:`MAX_FRAME_BYTES` = 4 GiB, counting the int64 counts and the float32
+frames) raise :class:`FrameSizeError` before anything is allocated; timestamps that are no
+microsecond count (NaN, infinite, float beyond int64) raise :class:`TimestampRangeError`;
+:func:`check_window_count` raises :class:`WindowCountError` for a recording that would be cut into
+more than :data:`MAX_WINDOWS` windows (``tmkt infer --max-windows``).
 """
 
 from __future__ import annotations
