@@ -2,7 +2,10 @@
 
 The network is `tmkt.export.quantize.quantize_graph(graph, calibration)`, the very object the
 netx (Loihi) export writes: the same integer weights, biases, scales, CUBA decays and
-thresholds, so the CPU and the chip run one network. This module only writes it as ONNX:
+thresholds, so the CPU and the chip run one network. A residual graph (resnet18), which netx
+cannot take, is quantized with the same rules per neuron group (`tmkt.export.int_graph`: the
+synapses summed into one LIF share its scale; an identity shortcut is a 1x1 conv of weight 1).
+This module only writes the network as ONNX:
 
 - input: frames `> 0.5` (the chip's input spikes, `netx.INPUT_THRESHOLD`) as uint8;
 - every synaptic layer is `MatMulInteger` (uint8 spikes x int8 weights -> exact int32) on an
@@ -23,8 +26,8 @@ thresholds, so the CPU and the chip run one network. This module only writes it 
 - the readout sums its integer currents; logits are that sum / (T * scale).
 
 Layer order: the unrolled model runs layer by layer, each layer on all T frames at once (one
-GEMM over T*B rows, then its T neuron steps), which is valid because the network is a
-feed-forward chain, and is exactly the simulator's aligned view. The stream model runs one step
+GEMM over T*B rows, then its T neuron steps), which is valid because the network is
+feed-forward (no layer reads a later one), and is exactly the simulator's aligned view. The stream model runs one step
 with one int32 membrane per LIF layer (`[B, H, W, C]`, NHWC).
 
 Verification (`verify_onnx_int8`), inside `export_onnx_int8` before the file appears: the
@@ -46,7 +49,8 @@ import numpy as np
 
 from tmkt.export.graph import Add, AvgPool2d, Conv2d, Dense, DeployGraph
 from tmkt.export.metadata import encode_metadata, graph_metadata
-from tmkt.export.netx import INPUT_THRESHOLD, InputMismatchWarning, input_mismatch, random_spikes
+from tmkt.export.int_graph import GroupNet, quantize_residual, simulate_groups
+from tmkt.export.netx import INPUT_THRESHOLD, InputMismatchWarning, input_mismatch
 from tmkt.export.netx_sim import UV_MAX, layer_current, netx_dense_weight, simulate, to_spikes
 from tmkt.export.onnx import MODES, read_onnx_metadata
 from tmkt.export.quantize import DECAY_UNITY, WEIGHT_EXP, QLayer, QuantizedNet, quantize_graph
@@ -94,20 +98,41 @@ class IntLayer:
     dilation: tuple[int, int]
     pool: SumPool | None
     in_shape: tuple[int, ...]  # what the synapse reads after `pool`: (C, H, W) or (N,)
+    source: str  # the node whose spikes it reads (the graph's input or a LIF)
 
     @property
     def name(self) -> str:
         return self.q.name
 
 
-def _pools_before_synapses(graph: DeployGraph) -> list[AvgPool2d | None]:
-    """For every Conv2d/Dense of the chain, in order: the AvgPool2d feeding it directly, or None."""
-    out: list[AvgPool2d | None] = []
-    for name, node in graph.nodes.items():
-        if isinstance(node, (Conv2d, Dense)):
-            src = graph.nodes[graph.inputs[name][0]]
-            out.append(src if isinstance(src, AvgPool2d) and isinstance(node, Conv2d) else None)
-    return out
+@dataclass(frozen=True)
+class IntGroup:
+    """One LIF layer (or the readout) of the int8 model and the synapses whose currents it sums
+    (one for a chain; a residual block adds a second). They share one scale and neuron."""
+
+    name: str
+    layers: tuple[IntLayer, ...]
+
+    @property
+    def readout(self) -> bool:
+        return self.layers[0].q.readout
+
+    @property
+    def q(self) -> QLayer:
+        return self.layers[0].q
+
+    @property
+    def bias(self) -> np.ndarray:
+        return np.sum([l.q.bias.astype(np.int64) for l in self.layers], axis=0)
+
+
+def _pool_before(graph: DeployGraph, synapse: str) -> tuple[AvgPool2d, Conv2d] | None:
+    """The AvgPool2d feeding Conv2d node `synapse` directly (folded into it by the quantizer), or None."""
+    node = graph.nodes.get(synapse)
+    if not isinstance(node, Conv2d):
+        return None
+    src = graph.nodes[graph.inputs[synapse][0]]
+    return (src, node) if isinstance(src, AvgPool2d) else None
 
 
 def _spread(small: np.ndarray, pool: AvgPool2d, dilation: tuple[int, int], shape: tuple[int, ...]) -> np.ndarray:
@@ -121,53 +146,60 @@ def _spread(small: np.ndarray, pool: AvgPool2d, dilation: tuple[int, int], shape
     return out
 
 
-def _unfold_pool(q: QLayer, pool: AvgPool2d, conv: Conv2d) -> IntLayer | None:
+def _unfold_pool(q: QLayer, pool: AvgPool2d, conv: Conv2d, source: str) -> IntLayer | None:
     """The layer as sum pooling + the small integer kernel, when that is exactly the folded
     kernel (the folded taps of one pooling window all rounded to the same integer); else None."""
     (k_h, k_w), (s_h, s_w), (p_h, p_w) = pool.kernel_size, pool.stride, pool.padding
     if k_h * k_w > 255:  # the pooled sum must fit uint8
         return None
     d = conv.dilation
-    small = q.weight[:, :, :: s_h * d[0], :: s_w * d[1]][:, :, : conv.kernel_size[0], : conv.kernel_size[1]]
-    if small.shape[2:] != conv.kernel_size or not np.array_equal(_spread(small.astype(np.int64), pool, d, q.weight.shape), q.weight):
+    small = q.weight[:, :, :: s_h * d[0], :: s_w * d[1]][:, :, : conv.kernel_size[0], : conv.kernel_size[1]].astype(np.int64)
+    if small.shape[2:] != conv.kernel_size or not np.array_equal(_spread(small, pool, d, q.weight.shape), q.weight):
         return None
     c, h, w = q.in_shape
     pooled = (c, (h + 2 * p_h - k_h) // s_h + 1, (w + 2 * p_w - k_w) // s_w + 1)
-    return IntLayer(q, small.astype(np.int64), conv.stride, conv.padding, d, SumPool(pool.kernel_size, pool.stride, pool.padding), pooled)
+    sum_pool = SumPool(pool.kernel_size, pool.stride, pool.padding)
+    return IntLayer(q, small, conv.stride, conv.padding, d, sum_pool, pooled, source)
 
 
-def int8_plan(graph: DeployGraph, net: QuantizedNet) -> list[IntLayer]:
-    """The layers of the int8 model for `net` = `quantize_graph(graph, ...)` (see the module docstring)."""
-    pools = _pools_before_synapses(graph)
-    synapses = [n for n, node in graph.nodes.items() if isinstance(node, (Conv2d, Dense))]
-    if len(pools) != len(net.layers):
-        raise ExportError(f"int8 ONNX: {len(net.layers)} quantized layers for {len(pools)} synapses in the graph")
-    plan: list[IntLayer] = []
-    for q, pool, name in zip(net.layers, pools, synapses):
-        if q.neuron.i_decay != DECAY_UNITY:
-            raise ExportError(f"int8 ONNX: layer {q.name!r} has iDecay {q.neuron.i_decay}; only 4096 (no current state)")
-        if q.kind == "conv" and q.groups != 1:
-            raise ExportError(f"int8 ONNX: layer {q.name!r} is a grouped convolution (groups={q.groups}); not supported")
-        unfolded = _unfold_pool(q, pool, graph.nodes[name]) if pool is not None else None  # type: ignore[arg-type]
-        if unfolded is not None:
-            plan.append(unfolded)
-            continue
-        weight = q.weight.astype(np.int64) if q.kind == "conv" else netx_dense_weight(q.weight)
-        plan.append(IntLayer(q, weight, q.stride, q.padding, q.dilation, None, tuple(q.in_shape)))
-    return plan
+def _int_layer(graph: DeployGraph, q: QLayer, source: str) -> IntLayer:
+    if q.neuron.i_decay != DECAY_UNITY:
+        raise ExportError(f"int8 ONNX: layer {q.name!r} has iDecay {q.neuron.i_decay}; only 4096 (no current state)")
+    if q.kind == "conv" and q.groups != 1:
+        raise ExportError(f"int8 ONNX: layer {q.name!r} is a grouped convolution (groups={q.groups}); not supported")
+    pooled = _pool_before(graph, q.name.split("+")[0])
+    unfolded = _unfold_pool(q, *pooled, source) if pooled is not None else None
+    if unfolded is not None:
+        return unfolded
+    weight = q.weight.astype(np.int64) if q.kind == "conv" else netx_dense_weight(q.weight)
+    return IntLayer(q, weight, q.stride, q.padding, q.dilation, None, tuple(q.in_shape), source)
 
 
-def needs_floor(layer: IntLayer) -> bool:
+def int8_plan(graph: DeployGraph, net: QuantizedNet | GroupNet) -> list[IntGroup]:
+    """The groups of the int8 model for `net`: `quantize_graph(graph, ...)` (a chain: one synapse
+    per LIF, as the netx file) or `int_graph.quantize_residual(graph, ...)`."""
+    if isinstance(net, GroupNet):
+        return [IntGroup(grp.name, tuple(_int_layer(graph, q, src) for q, src in zip(grp.layers, grp.sources)))
+                for grp in net.groups]
+    groups, source = [], graph.input_name
+    for q in net.layers:
+        name = q.name if q.readout else q.name.split("+")[-1]
+        groups.append(IntGroup(name, (_int_layer(graph, q, source),)))
+        source = name
+    return groups
+
+
+def needs_floor(group: IntGroup) -> bool:
     """Whether the membrane can reach the chip's lower saturation -(2^23 - 1): with the most
     negative current c (binary input, bias included, x64), v >= c * 4096 / vDecay at every step."""
-    q = layer.q
-    w = q.weight.reshape(q.weight.shape[0], -1).astype(np.int64)
-    worst = (64 * (q.bias.astype(np.int64) - np.clip(-w, 0, None).sum(1))).min()
+    negative = sum(np.clip(-l.q.weight.reshape(l.q.weight.shape[0], -1).astype(np.int64), 0, None).sum(1)
+                   for l in group.layers)
+    worst = (64 * (group.bias - negative)).min()
     if worst >= 0:
         return False
-    if q.neuron.v_decay == 0:
+    if group.q.neuron.v_decay == 0:
         return True
-    return -worst * DECAY_UNITY / q.neuron.v_decay >= UV_MAX - 1
+    return -worst * DECAY_UNITY / group.q.neuron.v_decay >= UV_MAX - 1
 
 
 # ---------------------------------------------------------------- ONNX graph builder (NHWC)
@@ -300,10 +332,10 @@ def _decay(g: _Graph, v: str, v_decay: int) -> str | None:
     return g.op("Cast", [wide], "decay", to=6)  # INT32
 
 
-def _lif_step(g: _Graph, c: str, v: str | None, layer: IntLayer, floor: bool) -> tuple[str, str]:
+def _lif_step(g: _Graph, c: str, v: str | None, group: IntGroup, floor: bool) -> tuple[str, str]:
     """One CUBA step on the scaled current `c` = 64 * (a + bias) from membrane `v` (None: at rest);
     returns (spikes bool, new membrane)."""
-    n = layer.q.neuron
+    n = group.q.neuron
     d = None if v is None else _decay(g, v, n.v_decay)
     h = c if d is None else g.op("Add", [d, c], "v")
     if floor:
@@ -312,12 +344,19 @@ def _lif_step(g: _Graph, c: str, v: str | None, layer: IntLayer, floor: bool) ->
     return s, g.op("Where", [s, g.const(np.int32(0)), h], "v")
 
 
-def _scaled_current(g: _Graph, a: str, e: int, layer: IntLayer, factor: int) -> str:
-    """factor * ((a << e) + bias), int32, bias broadcast on the last (channel) axis."""
-    bias = layer.q.bias.astype(np.int64) * factor
-    gain = factor << e  # the mantissa's exponent and the factor in one multiply
-    scaled = a if gain == 1 else g.op("Mul", [a, g.const(np.int32(gain))], "a")
-    return g.op("Add", [scaled, g.const(bias.astype(np.int32), f"{layer.name.split('+')[0]}_b")], "c")
+def _group_current(g: _Graph, spikes: dict[str, tuple[str, tuple[int, ...]]], group: IntGroup,
+                   factor: int) -> tuple[str, tuple[int, ...]]:
+    """factor * (sum of the group's integer currents + bias), int32 `[rows, O]`, bias broadcast on
+    the channel axis; `spikes` maps a source node to (uint8 NHWC tensor, its (C, H, W) shape)."""
+    total, out_shape = None, ()
+    for layer in group.layers:
+        x, shape = spikes[layer.source]
+        a, e, out_shape = _synapse(g, x, layer, shape)
+        gain = factor << e  # the mantissa's exponent and the factor in one multiply
+        term = a if gain == 1 else g.op("Mul", [a, g.const(np.int32(gain))], "a")
+        total = term if total is None else g.op("Add", [total, term], "a")
+    bias = (group.bias * factor).astype(np.int32)
+    return g.op("Add", [total, g.const(bias, f"{group.name}_b")], "c"), out_shape  # type: ignore[list-item]
 
 
 def _input_spikes(g: _Graph, frames: str, shape: tuple[int, int, int]) -> str:
@@ -333,35 +372,39 @@ def _value(name: str, elem: int, shape: list[Any]) -> Any:
     return helper.make_tensor_value_info(name, elem, shape)
 
 
-def _build_unrolled(plan: list[IntLayer], net: QuantizedNet, t: int, debug: bool) -> tuple[_Graph, list, list]:
+def _chw(out_shape: tuple[int, ...]) -> tuple[int, ...]:
+    """(H, W, C) -> (C, H, W); (N,) unchanged."""
+    return (out_shape[-1], *out_shape[:-1]) if len(out_shape) == 3 else out_shape
+
+
+def _build_unrolled(plan: list[IntGroup], input_shape: tuple[int, ...], t: int, debug: bool) -> tuple[_Graph, list, list]:
     from onnx import TensorProto as TP
 
     g = _Graph()
-    c, h, w = net.input_shape
-    k = plan[-1].weight.shape[0]
+    c, h, w = input_shape
+    k = plan[-1].q.weight.shape[0]
     frames = g.op("Reshape", ["events", g.const(_i64(-1, c, h, w))], "frames")
-    x, shape = _input_spikes(g, frames, net.input_shape), tuple(net.input_shape)
+    spikes = {plan[0].layers[0].source: (_input_spikes(g, frames, input_shape), tuple(input_shape))}
     outputs = [_value("logits", TP.FLOAT, ["batch", k]), _value("step_logits", TP.FLOAT, [t, "batch", k])]
     debug_outs = []
-    for layer in plan[:-1]:
-        a, e, out_shape = _synapse(g, x, layer, shape)
-        cur = g.op("Reshape", [_scaled_current(g, a, e, layer, 64), g.const(_i64(t, -1))], "c_t")
+    for group in plan[:-1]:
+        cur, out_shape = _group_current(g, spikes, group, 64)
+        cur = g.op("Reshape", [cur, g.const(_i64(t, -1))], "c_t")
         steps = g.op("Split", [cur, g.const(np.ones(t, np.int64))], "c_step", n_out=t, axis=0) if t > 1 else [cur]
-        v, spikes, floor = None, [], needs_floor(layer)
+        v, fired, floor = None, [], needs_floor(group)
         for ct in steps:
-            s, v = _lif_step(g, ct, v, layer, floor)
-            spikes.append(s)
-        s_all = spikes[0] if t == 1 else g.op("Concat", spikes, "s_all", axis=0)
+            s, v = _lif_step(g, ct, v, group, floor)
+            fired.append(s)
+        s_all = fired[0] if t == 1 else g.op("Concat", fired, "s_all", axis=0)
         s_all = g.op("Cast", [s_all], "s_u8", to=TP.UINT8)
         x = g.op("Reshape", [s_all, g.const(_i64(-1, *out_shape))], "spikes")
-        shape = (out_shape[-1], *out_shape[:-1]) if len(out_shape) == 3 else out_shape
+        spikes[group.name] = (x, _chw(out_shape))
         if debug:
-            name = f"s_{layer.name.split('+')[-1]}"
-            g.op("Identity", [x], out=name)
-            debug_outs.append(_value(name, TP.UINT8, ["rows", *out_shape]))
+            g.op("Identity", [x], out=f"s_{group.name}")
+            debug_outs.append(_value(f"s_{group.name}", TP.UINT8, ["rows", *out_shape]))
     readout = plan[-1]
-    a, e, _ = _synapse(g, x, readout, shape)
-    current = g.op("Reshape", [_scaled_current(g, a, e, readout, 1), g.const(_i64(t, -1, k))], "readout")
+    current, _ = _group_current(g, spikes, readout, 1)
+    current = g.op("Reshape", [current, g.const(_i64(t, -1, k))], "readout")
     scale = float(readout.q.scale)
     step = g.op("Cast", [current], "step_f", to=TP.FLOAT)
     g.op("Mul", [step, g.const(np.float32(1.0 / scale))], out="step_logits")
@@ -374,48 +417,42 @@ def _build_unrolled(plan: list[IntLayer], net: QuantizedNet, t: int, debug: bool
     return g, inputs, outputs + debug_outs
 
 
-def _state_shape(layer: IntLayer) -> list[int]:
+def _state_shape(group: IntGroup) -> list[int]:
     """Per-sample shape of a LIF layer's membrane in the int8 model (NHWC: H, W, C; or N)."""
-    out = tuple(layer.q.out_shape)
+    out = tuple(group.q.out_shape)
     return [out[1], out[2], out[0]] if len(out) == 3 else list(out)
 
 
-def int8_state_names(plan: list[IntLayer]) -> list[dict[str, Any]]:
+def int8_state_names(plan: list[IntGroup]) -> list[dict[str, Any]]:
     """Per LIF layer of the stream model: input/output names, shape (batch excluded, H, W, C) and dtype."""
-    names = []
-    for layer in plan[:-1]:
-        lif = layer.name.split("+")[-1]
-        names.append({"layer": lif, "input": f"v_{lif}", "output": f"v_{lif}_out", "shape": _state_shape(layer),
-                      "dtype": "int32"})
-    return names
+    return [{"layer": grp.name, "input": f"v_{grp.name}", "output": f"v_{grp.name}_out", "shape": _state_shape(grp),
+             "dtype": "int32"} for grp in plan[:-1]]
 
 
-def _build_stream(plan: list[IntLayer], net: QuantizedNet, debug: bool) -> tuple[_Graph, list, list]:
+def _build_stream(plan: list[IntGroup], input_shape: tuple[int, ...], debug: bool) -> tuple[_Graph, list, list]:
     from onnx import TensorProto as TP
 
     g = _Graph()
-    c, h, w = net.input_shape
-    k = plan[-1].weight.shape[0]
-    x, shape = _input_spikes(g, "frame", net.input_shape), tuple(net.input_shape)
+    c, h, w = input_shape
+    k = plan[-1].q.weight.shape[0]
+    spikes = {plan[0].layers[0].source: (_input_spikes(g, "frame", input_shape), tuple(input_shape))}
     inputs = [_value("frame", TP.FLOAT, ["batch", c, h, w])]
     outputs = [_value("logits", TP.FLOAT, ["batch", k])]
-    states, debug_outs = int8_state_names(plan), []
-    for layer, st in zip(plan[:-1], states):
-        a, e, out_shape = _synapse(g, x, layer, shape)
-        cur = g.op("Reshape", [_scaled_current(g, a, e, layer, 64), g.const(_i64(-1, *out_shape))], "c")
+    debug_outs = []
+    for group, st in zip(plan[:-1], int8_state_names(plan)):
+        cur, out_shape = _group_current(g, spikes, group, 64)
+        cur = g.op("Reshape", [cur, g.const(_i64(-1, *out_shape))], "c")
         inputs.append(_value(st["input"], TP.INT32, ["batch", *st["shape"]]))
-        s, v = _lif_step(g, cur, st["input"], layer, needs_floor(layer))
+        s, v = _lif_step(g, cur, st["input"], group, needs_floor(group))
         g.op("Identity", [v], out=st["output"])
         outputs.append(_value(st["output"], TP.INT32, ["batch", *st["shape"]]))
         x = g.op("Cast", [s], "spikes", to=TP.UINT8)
-        shape = (out_shape[-1], *out_shape[:-1]) if len(out_shape) == 3 else out_shape
+        spikes[group.name] = (x, _chw(out_shape))
         if debug:
-            name = f"s_{st['layer']}"
-            g.op("Identity", [x], out=name)
-            debug_outs.append(_value(name, TP.UINT8, ["batch", *out_shape]))
+            g.op("Identity", [x], out=f"s_{group.name}")
+            debug_outs.append(_value(f"s_{group.name}", TP.UINT8, ["batch", *out_shape]))
     readout = plan[-1]
-    a, e, _ = _synapse(g, x, readout, shape)
-    current = _scaled_current(g, a, e, readout, 1)
+    current, _ = _group_current(g, spikes, readout, 1)
     step = g.op("Cast", [current], "step_f", to=TP.FLOAT)
     g.op("Mul", [step, g.const(np.float32(1.0 / float(readout.q.scale)))], out="logits")
     if debug:
@@ -424,13 +461,14 @@ def _build_stream(plan: list[IntLayer], net: QuantizedNet, debug: bool) -> tuple
     return g, inputs, outputs + debug_outs
 
 
-def int8_model_proto(plan: list[IntLayer], net: QuantizedNet, mode: str, timesteps: int, debug: bool = False):
+def int8_model_proto(plan: list[IntGroup], net: QuantizedNet | GroupNet, mode: str, timesteps: int, debug: bool = False):
     """The onnx.ModelProto of the int8 model (no metadata)."""
     from onnx import helper
 
     if mode not in MODES:
         raise ExportError(f"mode must be one of {MODES}, got {mode!r}")
-    g, inputs, outputs = _build_unrolled(plan, net, timesteps, debug) if mode == "unrolled" else _build_stream(plan, net, debug)
+    shape = tuple(net.input_shape)
+    g, inputs, outputs = _build_unrolled(plan, shape, timesteps, debug) if mode == "unrolled" else _build_stream(plan, shape, debug)
     graph = helper.make_graph(g.nodes, f"tmkt_int8_{mode}", inputs, outputs, g.inits)
     return helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION,
                              producer_name="tmkt")
@@ -443,7 +481,7 @@ def _with_timesteps(graph: DeployGraph, t: int) -> DeployGraph:
     return graph if graph.meta.get("timesteps") == t else replace(graph, meta={**graph.meta, "timesteps": t})
 
 
-def int8_metadata(graph: DeployGraph, net: QuantizedNet, plan: list[IntLayer], mode: str, t: int,
+def int8_metadata(graph: DeployGraph, net: QuantizedNet | GroupNet, plan: list[IntGroup], mode: str, t: int,
                   source_run: str | os.PathLike | None) -> dict[str, Any]:
     """The file's tmkt metadata: the float model's keys plus precision, quantizer figures and states."""
     from tmkt.export.onnx import _io_names
@@ -458,11 +496,12 @@ def int8_metadata(graph: DeployGraph, net: QuantizedNet, plan: list[IntLayer], m
         "input_threshold": INPUT_THRESHOLD,
         "input_encoding": f"binary spikes: 1 where the event frame > {INPUT_THRESHOLD} (as the Loihi export)",
         "quantizer": {
-            "function": "tmkt.export.quantize.quantize_graph (the Loihi netx export's)",
-            "layers": [l.name for l in plan], "scales": [float(l.q.scale) for l in plan],
-            "v_th_mant": [int(l.q.neuron.v_th_mant) for l in plan[:-1]],
-            "v_decay": [int(l.q.neuron.v_decay) for l in plan[:-1]],
-            "pool_unfolded": [l.pool is not None for l in plan],
+            "function": ("tmkt.export.int_graph.quantize_residual (the netx rules per neuron group; netx takes no "
+                         "residual net)") if isinstance(net, GroupNet) else "tmkt.export.quantize.quantize_graph (the Loihi netx export's)",
+            "layers": [l.name for grp in plan for l in grp.layers], "scales": [float(grp.q.scale) for grp in plan],
+            "v_th_mant": [int(grp.q.neuron.v_th_mant) for grp in plan[:-1]],
+            "v_decay": [int(grp.q.neuron.v_decay) for grp in plan[:-1]],
+            "pool_unfolded": [l.pool is not None for grp in plan for l in grp.layers],
             "readout_range": net.meta.get("readout_range"),
         },
     }
@@ -489,11 +528,13 @@ def export_onnx_int8(
     docstring); inputs and outputs as `export_onnx`'s, the stream model's membranes int32 NHWC.
 
     Args:
-        graph: deploy graph with full metadata (`lower_run`); a feed-forward chain (small, vgg).
+        graph: deploy graph with full metadata (`lower_run`): a chain (small, vgg), quantized as
+            the netx export, or a residual net (resnet18), quantized per neuron group (`int_graph`).
         path: destination `.onnx`, written atomically.
-        verify: compare onnxruntime with the bit-accurate Loihi simulator before the file
-            appears (`verify_onnx_int8`); raises Int8VerificationError on any differing spike
-            or readout current. The checker runs either way.
+        verify: compare onnxruntime with the bit-accurate Loihi simulator (residual: its
+            semantics over the groups, `int_graph.simulate_groups`) before the file appears
+            (`verify_onnx_int8`); raises Int8VerificationError on any differing spike or readout
+            current. The checker runs either way.
         mode: "unrolled" or "stream".
         timesteps: T; default the graph's. The readout's scale is set for T steps.
         calibration: binary input spikes `[T, N, C, H, W]` of training samples
@@ -509,38 +550,36 @@ def export_onnx_int8(
     t = int(timesteps if timesteps is not None else graph.meta.get("timesteps", 0))
     if t < 1:
         raise ExportError(f"timesteps must be >= 1 (none given and graph.meta has none), got {t}")
-    for name, node in graph.nodes.items():
-        if isinstance(node, Add):
-            raise ExportError(f"layer {name!r} (residual Add): the int8 model is the Loihi export's quantized network, "
-                              "a plain chain of layers; export this backbone as float ONNX (without --int8)")
     mismatch = input_mismatch(graph.meta)
     if mismatch:
         warnings.warn(f"int8 ONNX: {mismatch}; its accuracy will differ from the float model's", InputMismatchWarning,
                       stacklevel=2)
     graph = _with_timesteps(graph, t)
-    net = quantize_graph(graph, calibration)
-    plan = int8_plan(graph, net)
+    net, plan = int8_network(graph, calibration)
     proto = int8_model_proto(plan, net, mode, t)
     meta = int8_metadata(graph, net, plan, mode, t, source_run)
     proto.doc_string = f"tmkt int8 {mode} SNN (the Loihi export's integers): {meta.get('backbone', '?')}, T={t}"
     onnx.helper.set_model_props(proto, encode_metadata(meta))
     data = proto.SerializeToString()
-    checks = {"onnx.checker": "ok", "onnxruntime vs Loihi simulator": "skipped"}
-    figures: dict[str, Any] = {"layers": len(plan), "pool_unfolded": sum(l.pool is not None for l in plan)}
+    check = "onnxruntime vs integer reference (residual)" if isinstance(net, GroupNet) else "onnxruntime vs Loihi simulator"
+    checks = {"onnx.checker": "ok", check: "skipped"}
+    figures: dict[str, Any] = {"layers": len(plan), "pool_unfolded": sum(l.pool is not None for grp in plan for l in grp.layers)}
     path = Path(path)
     with atomic_path(path, suffix=".onnx") as tmp:
         tmp.write_bytes(data)
         onnx.checker.check_model(str(tmp), full_check=True)
         if verify:
-            spikes = random_spikes(net, check_samples, seed, rate=0.3)
+            rng = np.random.default_rng(seed)
+            spikes = (rng.random((t, check_samples, *graph.input_shape)) < 0.3).astype(np.uint8)
             real = 0
             if calibration is not None and calibration.shape[0] == t:  # real samples binned with this T
                 real = min(check_samples, calibration.shape[1])
                 spikes = np.concatenate([np.asarray(calibration[:, :real], np.uint8), spikes], axis=1)
             report = verify_onnx_int8(graph, net, tmp, spikes, real_samples=real)
             if not report.ok:
-                raise Int8VerificationError(f"{path}: onnxruntime disagrees with the Loihi simulator: {report.summary()}", report)
-            checks["onnxruntime vs Loihi simulator"] = report.summary()
+                raise Int8VerificationError(f"{path}: {check.replace(' vs ', ' disagrees with the ')}: {report.summary()}",
+                                            report)
+            checks[check] = report.summary()
             figures.update(asdict(report))
     return ExportReport("onnx", path, f"int8 {mode}, T={t}, {len(data) / 1024:.1f} KiB", checks, figures)
 
@@ -552,11 +591,13 @@ def export_onnx_int8(
 class Int8VerifyReport:
     """onnxruntime's int8 model vs the bit-accurate Loihi simulator on the same binary spikes.
 
-    spikes: spikes compared (all LIF layers, steps, samples); spike_differences per layer;
+    spikes: neuron-steps compared (all LIF layers, steps, samples), `fired` of them spikes;
+    spike_differences: differing neuron-steps per layer;
     current_differences: readout currents (integers, per step) that differ;
     max_abs_logit_diff: the file's logits vs the simulator's integer sum / (T * scale);
     twin_agrees: the file's logits equal those of its debug twin (which gives the spikes);
-    chip_agreement: share of samples whose argmax equals the chip readout's (`SimResult.prediction`).
+    chip_agreement: share of samples whose argmax equals the chip readout's (`SimResult.prediction`);
+        None for a residual network (no chip file: the reference is `int_graph.simulate_groups`).
     """
 
     mode: str
@@ -564,11 +605,12 @@ class Int8VerifyReport:
     samples: int
     real_samples: int
     spikes: int
+    fired: int
     spike_differences: dict[str, int]
     current_differences: int
     max_abs_logit_diff: float
     twin_agrees: bool
-    chip_agreement: float
+    chip_agreement: float | None
 
     @property
     def ok(self) -> bool:
@@ -577,8 +619,9 @@ class Int8VerifyReport:
     def summary(self) -> str:
         head = (f"{self.mode} T={self.timesteps}, {self.samples} samples ({self.real_samples} real): ")
         if self.ok:
-            return head + (f"{self.spikes:,} spikes and every readout current identical, max |dlogit| "
-                           f"{self.max_abs_logit_diff:.2g}, argmax = chip readout on {self.chip_agreement:.0%}")
+            chip = "" if self.chip_agreement is None else f", argmax = chip readout on {self.chip_agreement:.0%}"
+            return head + (f"{self.spikes:,} neuron-steps ({self.fired:,} spikes) and every readout current identical, "
+                           f"max |dlogit| {self.max_abs_logit_diff:.2g}{chip}")
         bad = {k: v for k, v in self.spike_differences.items() if v}
         return head + (f"spikes differ {bad}, {self.current_differences} readout currents differ"
                        + ("" if self.twin_agrees else ", the file disagrees with its debug twin"))
@@ -592,7 +635,7 @@ def _session(model: str | bytes):
     return ort.InferenceSession(model, opts, providers=["CPUExecutionProvider"])
 
 
-def run_int8(sess, mode: str, plan: list[IntLayer], frames: np.ndarray, debug: bool) -> dict[str, Any]:
+def run_int8(sess, mode: str, plan: list[IntGroup], frames: np.ndarray, debug: bool) -> dict[str, Any]:
     """Run frames `[T, B, C, H, W]` through an int8 session: {"step_logits" [T, B, K], "logits"
     [B, K]; with `debug` (a debug twin) "spikes" per LIF layer `[T, B, C, H, W]`/`[T, B, N]` and
     "readout_current" `[T, B, K]`}."""
@@ -627,36 +670,50 @@ def run_int8(sess, mode: str, plan: list[IntLayer], frames: np.ndarray, debug: b
     return out
 
 
-def verify_onnx_int8(graph: DeployGraph, net: QuantizedNet, path: str | os.PathLike, spikes: np.ndarray, *,
+def _reference(graph: DeployGraph, net: QuantizedNet | GroupNet, plan: list[IntGroup], spikes: np.ndarray):
+    """(spikes per LIF group, per-step readout currents `[T, B, K]`, the chip's prediction or None)
+    of the integer reference: the Loihi simulator for a chain, `simulate_groups` for a residual net."""
+    if isinstance(net, GroupNet):
+        ref = simulate_groups(net, spikes)
+        return ref["spikes"], ref["readout_current"], None
+    sim = simulate(net, spikes)
+    readout = net.layers[-1]
+    t, b = spikes.shape[:2]
+    src = sim.spikes[-2].reshape(t * b, *sim.spikes[-2].shape[2:])
+    current = (layer_current(readout, src) + readout.bias.astype(np.int64)).reshape(t, b, -1)
+    return {grp.name: sim.spikes[1 + k] for k, grp in enumerate(plan[:-1])}, current, sim.prediction
+
+
+def verify_onnx_int8(graph: DeployGraph, net: QuantizedNet | GroupNet, path: str | os.PathLike, spikes: np.ndarray, *,
                      real_samples: int = 0) -> Int8VerifyReport:
-    """Run the int8 file at `path` and the Loihi simulator on binary `spikes` `[T, B, C, H, W]`:
-    spikes of every layer and readout currents must be identical (see `Int8VerifyReport`)."""
+    """Run the int8 file at `path` and the integer reference (the Loihi simulator) on binary
+    `spikes` `[T, B, C, H, W]`: spikes of every layer and readout currents must be identical
+    (see `Int8VerifyReport`)."""
     meta = read_onnx_metadata(path)
     mode, t = meta["mode"], int(meta["timesteps"])
     plan = int8_plan(graph, net)
     spikes = np.asarray(spikes[:t], np.uint8)
-    sim = simulate(net, spikes)
+    want_spikes, want_current, chip_pred = _reference(graph, net, plan, spikes)
     got = run_int8(_session(str(path)), mode, plan, spikes.astype(np.float32), debug=False)
     twin = run_int8(_session(int8_model_proto(plan, net, mode, t, debug=True).SerializeToString()), mode, plan,
                     spikes.astype(np.float32), debug=True)
-    names = [s["layer"] for s in int8_state_names(plan)]
-    diffs = {n: int((twin["spikes"][n] != sim.spikes[1 + k]).sum()) for k, n in enumerate(names)}
-    readout = net.layers[-1]
-    tb = spikes.shape[0] * spikes.shape[1]
-    src = sim.spikes[-2].reshape(tb, *sim.spikes[-2].shape[2:])
-    want_current = (layer_current(readout, src) + readout.bias.astype(np.int64)).reshape(twin["readout_current"].shape)
+    diffs = {grp.name: int((twin["spikes"][grp.name] != want_spikes[grp.name]).sum()) for grp in plan[:-1]}
     current_diff = int((twin["readout_current"] != want_current).sum())
-    want_logits = sim.readout_current / (t * readout.scale)
-    logit_diff = float(np.abs(got["logits"] - want_logits).max())
+    logit_diff = float(np.abs(got["logits"] - want_current.sum(0) / (t * plan[-1].q.scale)).max())
     twin_same = bool(np.array_equal(got["step_logits"], twin["step_logits"]))
-    chip = float((got["logits"].argmax(1) == sim.prediction).mean())
-    return Int8VerifyReport(mode, t, int(spikes.shape[1]), int(real_samples), int(sum(s.size for s in sim.spikes[1:-1])),
+    chip = None if chip_pred is None else float((got["logits"].argmax(1) == chip_pred).mean())
+    return Int8VerifyReport(mode, t, int(spikes.shape[1]), int(real_samples),
+                            int(sum(want_spikes[g.name].size for g in plan[:-1])),
+                            int(sum(int(want_spikes[g.name].sum()) for g in plan[:-1])),
                             diffs, current_diff, logit_diff, twin_same, chip)
 
 
-def int8_network(graph: DeployGraph, calibration: np.ndarray | None = None) -> tuple[QuantizedNet, list[IntLayer]]:
-    """The quantized network (the Loihi export's) and the int8 model's layers for `graph`."""
-    net = quantize_graph(graph, calibration)
+def int8_network(graph: DeployGraph, calibration: np.ndarray | None = None) -> tuple[QuantizedNet | GroupNet, list[IntGroup]]:
+    """The quantized network and the int8 model's groups for `graph`: a chain is quantized by the
+    Loihi export's `quantize_graph` (the netx file's integers); a residual graph (resnet18) by
+    `int_graph.quantize_residual` (the same rules per neuron group)."""
+    residual = any(isinstance(node, Add) for node in graph.nodes.values())
+    net = quantize_residual(graph, calibration) if residual else quantize_graph(graph, calibration)
     return net, int8_plan(graph, net)
 
 

@@ -30,11 +30,13 @@ from tmkt.export.onnx_int8 import (
     int8_network,
     run_int8,
 )
-from tmkt.export.report import ExportError
+from tmkt.export.int_graph import quantize_residual
+from tmkt.export.quantize import quantize_graph
 from tmkt.models import ModelConfig, build_model, randomize_batchnorm
 from tmkt.runtime.classifier import EventClassifier
 
-BACKBONES = {"small": dict(size=(16, 16), width=0.5), "vgg": dict(size=(16, 16), width=0.125)}
+BACKBONES = {"small": dict(size=(16, 16), width=0.5), "vgg": dict(size=(16, 16), width=0.125),
+             "resnet18": dict(size=(16, 16), width=0.125)}
 
 
 def make_run(tmp_path, backbone="small", size=(16, 16), width=0.5, timesteps=4, classes=5):
@@ -63,27 +65,56 @@ def small(tmp_path_factory):
 
 @pytest.mark.parametrize("backbone", sorted(BACKBONES))
 @pytest.mark.parametrize("mode", ["unrolled", "stream"])
-def test_int8_export_of_every_chain_backbone_passes_its_verification(tmp_path, backbone, mode):
+def test_int8_export_of_every_backbone_passes_its_verification(tmp_path, backbone, mode):
     graph = G.lower_run(load_run(make_run(tmp_path, backbone, **BACKBONES[backbone])))
     calibration = spikes_for(graph, 16, 2)
     report = export_onnx_int8(graph, tmp_path / "m.onnx", mode=mode, calibration=calibration, check_samples=3)
     figures = report.figures
     assert report.path.exists() and report.checks["onnx.checker"] == "ok"
-    assert figures["samples"] == 6 and figures["real_samples"] == 3
+    assert figures["samples"] == 6 and figures["real_samples"] == 3 and figures["fired"] > 1000
     assert not any(figures["spike_differences"].values()) and figures["current_differences"] == 0
-    assert figures["twin_agrees"] and figures["chip_agreement"] == 1.0
-    assert figures["pool_unfolded"] >= 1  # the pooling is run as a sum pool, not the 4x folded kernel
+    assert figures["twin_agrees"]
+    if backbone == "resnet18":  # no netx file: the reference is the simulator's semantics over the neuron groups
+        assert "integer reference (residual)" in " ".join(report.checks) and figures["chip_agreement"] is None
+    else:
+        assert "onnxruntime vs Loihi simulator" in report.checks and figures["chip_agreement"] == 1.0
+        assert figures["pool_unfolded"] >= 1  # the pooling is run as a sum pool, not the 4x folded kernel
     meta = read_onnx_metadata(report.path)
     assert meta["precision"] == "int8" and meta["mode"] == mode and meta["input_threshold"] == 0.5
     types = {n.op_type for n in onnx.load(str(report.path)).graph.node}
     assert "MatMulInteger" in types and not types & {"Conv", "MatMul", "Gemm"}  # every synapse is integer
 
 
-def test_residual_backbone_is_refused_naming_the_layer(tmp_path):
+def test_residual_quantizer_gives_the_netx_integers_on_a_chain(small):
+    """quantize_residual (per neuron group) on a chain = quantize_graph: one quantizer's rules."""
+    _, graph, calibration = small
+    chain, groups = quantize_graph(graph, calibration), quantize_residual(graph, calibration)
+    assert len(chain.layers) == len(groups.groups)
+    for q, grp in zip(chain.layers, groups.groups):
+        (g,) = grp.layers
+        assert np.array_equal(q.weight, g.weight) and np.array_equal(q.bias, g.bias)
+        assert q.neuron == g.neuron and q.scale == g.scale
+
+
+def test_residual_group_shares_one_scale_and_keeps_the_identity_shortcut(tmp_path):
     graph = G.lower_run(load_run(make_run(tmp_path, "resnet18", width=0.125)))
-    with pytest.raises(ExportError, match="'add1'.*residual.*without --int8"):
-        export_onnx_int8(graph, tmp_path / "r.onnx", calibration=spikes_for(graph, 4, 0))
-    assert not (tmp_path / "r.onnx").exists()
+    net = quantize_residual(graph, spikes_for(graph, 8, 0))
+    add_groups = [grp for grp in net.groups if len(grp.layers) == 2]
+    assert len(add_groups) == 8  # one per basic block
+    for grp in add_groups:
+        assert grp.layers[0].scale == grp.layers[1].scale and grp.layers[0].neuron == grp.layers[1].neuron
+        assert not grp.layers[1].bias.any()  # the group's bias lives in its first synapse
+        w = grp.layers[1].weight
+        if grp.layers[1].name.split("+")[0].endswith("_identity"):  # identity: weight 2*round(s/2) on the diagonal
+            assert np.array_equal(w[:, :, 0, 0], np.eye(w.shape[0], dtype=w.dtype) * w[0, 0, 0, 0])
+            assert w[0, 0, 0, 0] == 2 * np.rint(grp.layers[1].scale / 2)
+
+
+def shifted_threshold(group, delta):
+    """`group` with its neurons' vThMant moved by `delta` (a copy)."""
+    q = copy.copy(group.layers[0].q)
+    q.neuron = replace(q.neuron, v_th_mant=q.neuron.v_th_mant + delta)
+    return replace(group, layers=(replace(group.layers[0], q=q), *group.layers[1:]))
 
 
 def test_verification_catches_a_builder_that_changes_spikes(small, tmp_path, monkeypatch):
@@ -92,10 +123,8 @@ def test_verification_catches_a_builder_that_changes_spikes(small, tmp_path, mon
     _, graph, calibration = small
     import tmkt.export.onnx_int8 as mod
 
-    def low_threshold(g, c, v, layer, floor):
-        q = copy.copy(layer.q)
-        q.neuron = replace(q.neuron, v_th_mant=q.neuron.v_th_mant - 1)
-        return original(g, c, v, replace(layer, q=q), floor)
+    def low_threshold(g, c, v, group, floor):
+        return original(g, c, v, shifted_threshold(group, -1), floor)
 
     original = mod._lif_step
     monkeypatch.setattr(mod, "_lif_step", low_threshold)
@@ -113,9 +142,7 @@ def test_verification_catches_a_file_that_differs_from_its_twin(small, tmp_path,
     def file_off_by_one(plan, net, mode, t, debug=False):  # only the written file has one threshold off
         if debug:
             return original(plan, net, mode, t, debug)
-        q = copy.copy(plan[0].q)
-        q.neuron = replace(q.neuron, v_th_mant=q.neuron.v_th_mant - 5)
-        return original([replace(plan[0], q=q), *plan[1:]], net, mode, t, debug)
+        return original([shifted_threshold(plan[0], -5), *plan[1:]], net, mode, t, debug)
 
     original = mod.int8_model_proto
     monkeypatch.setattr(mod, "int8_model_proto", file_off_by_one)
