@@ -8,7 +8,8 @@ asks for a 100000 x 100000 sensor). `check_model_file` finds all of these first 
 `ModelFileError` (a `TmktError`) whose message names the file and the fault:
 
 1. the file: exists, not empty, at most 2 GiB (protobuf's limit; tmkt embeds its weights);
-2. the protobuf parses, and no tensor refers to an external data file;
+2. the protobuf parses; no tensor refers to an external data file; floating-point tensors are
+   finite (a NaN weight would make every prediction the first class);
 3. the metadata: UTF-8 text, tmkt's keys and types (`tmkt.export.metadata.check_metadata`), a
    mode of `MODES`, a binning `DataSpec` accepts (its limits: T <= 10,000, sensor and input
    sides <= 16,384, at most 2**26 values per sample), at most `MAX_CLASSES` class names and
@@ -34,6 +35,7 @@ MAX_CLASSES = 100_000
 MAX_STATE_ELEMENTS = 2**26  # values of one membrane per sample (a float32 state of 256 MiB)
 
 _DTYPES = {"float32": 1, "int32": 6}  # metadata state dtype -> onnx.TensorProto elem_type
+_FLOAT_TYPES = (1, 10, 11)  # FLOAT, FLOAT16, DOUBLE
 
 
 class ModelFileError(TmktError, ValueError):
@@ -50,14 +52,25 @@ def _load(path: str):
         raise ModelFileError(f"{path}: not a readable ONNX model ({type(exc).__name__}: {first})") from None
 
 
-def _no_external_data(path: str, proto) -> None:
+def _check_tensors(path: str, proto) -> None:
+    """Every tensor embedded (no external data file) and, if floating point, finite."""
+    import numpy as np
     import onnx
+    from onnx import numpy_helper
 
     for tensor in onnx.external_data_helper._get_all_tensors(proto):
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             raise ModelFileError(
                 f"{path}: tensor {tensor.name!r} refers to an external data file; tmkt models embed their weights"
             )
+        if tensor.data_type not in _FLOAT_TYPES:
+            continue
+        try:
+            values = numpy_helper.to_array(tensor)
+        except Exception as exc:  # a size that disagrees with the dims, an unknown type
+            raise ModelFileError(f"{path}: tensor {tensor.name!r} cannot be read ({type(exc).__name__}: {exc})"[:300]) from None
+        if not np.isfinite(values).all():
+            raise ModelFileError(f"{path}: tensor {tensor.name!r} holds NaN or infinite values")
 
 
 def _metadata(path: str, proto) -> dict[str, Any]:
@@ -209,7 +222,7 @@ def check_model_file(path: str | os.PathLike) -> dict[str, Any]:
     if size > MAX_MODEL_BYTES:
         raise ModelFileError(f"{path}: {size / 2**30:.2f} GiB is over the 2 GiB an ONNX file can hold without external data")
     proto = _load(path)
-    _no_external_data(path, proto)
+    _check_tensors(path, proto)
     meta = _metadata(path, proto)
     _checker(path, proto)
     _check_io(path, proto, meta)

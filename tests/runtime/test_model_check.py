@@ -206,3 +206,13 @@ def test_cli_infer_prints_one_line_for_a_bad_model(tmp_path):
     res = CliRunner().invoke(app, ["infer", good, str(events), "--json"])
     assert res.exit_code == 0, res.output
     assert json.loads(res.output)["predictions"][0]["label"] in CLASSES
+
+
+def test_nan_weights_are_refused(tmp_path):
+    model = tiny_model("unrolled")
+    w = onnx.numpy_helper.to_array(model.graph.initializer[0]).copy()
+    w[0, 0] = np.nan
+    model.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "w"))
+    path = save(model, tmp_path / "nan.onnx")
+    with raises_for(path, "tensor 'w' holds NaN"):
+        check_model_file(path)

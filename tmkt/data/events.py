@@ -317,7 +317,7 @@ _AEDAT4_MAGIC = b"#!AER-DAT4.0\r\n"
 _AEDAT4_COMPRESSIONS = ("none", "LZ4", "LZ4 high", "Zstd", "Zstd high")
 
 
-def _aedat4_description(path: str) -> str:
+def _aedat4_description(path: str) -> tuple[str, int, int, int]:
     """Check the IOHeader flatbuffer the way the Rust decoder will read it (unchecked: every
     offset it follows must lie inside the buffer, the description must be UTF-8) and return the
     description. Raises EventFileError on anything the decoder could trip over."""
@@ -383,11 +383,63 @@ def _aedat4_description(path: str) -> str:
         raise bad(f"the stream description is not UTF-8 text (byte {exc.start} of it is 0x{exc.object[exc.start]:02X})") from None
     if "\0" in text:
         raise bad("the stream description holds a NUL character")
-    return text
+    pos = field(1, 8)
+    data_table = struct.unpack_from("<q", buf, pos)[0] if pos is not None else -1
+    return text, len(_AEDAT4_MAGIC) + 4 + length, compression, data_table
+
+
+def _aedat4_packets(path: str, start: int, compression: int, data_table: int, stream_ids) -> None:
+    """Walk the packet headers (int32 stream id, uint32 size) the way the decoder will, and
+    refuse what would make it panic: a packet that runs past the end of the file, names a stream
+    the description lacks, or (uncompressed) is too short to hold a flatbuffer identifier."""
+    size = os.path.getsize(path)
+    pos = start
+    with open(path, "rb") as fh:
+        while not (data_table > -1 and pos == data_table):
+            fh.seek(pos)
+            head = fh.read(8)
+            if len(head) < 4:
+                return  # where the decoder stops too
+            if len(head) < 8:
+                raise EventFileError(f"{path}: truncated AEDAT4 file: the packet header at byte {pos} is cut short")
+            stream_id, length = struct.unpack("<II", head)
+            if pos + 8 + length > size:
+                raise EventFileError(
+                    f"{path}: truncated AEDAT4 file: the packet at byte {pos} declares {length} bytes, "
+                    f"the file ends {size - pos - 8} bytes later"
+                )
+            if stream_id not in stream_ids:
+                raise EventFileError(f"{path}: corrupt AEDAT4 file: the packet at byte {pos} names stream {stream_id}, "
+                                     f"which the description does not declare")
+            if compression == 0 and length < 12:
+                raise EventFileError(f"{path}: corrupt AEDAT4 file: the packet at byte {pos} is {length} bytes, "
+                                     "too short for a packet")
+            pos += 8 + length
+
+
+class _CapturedStderr:
+    """Send file descriptor 2 to a temporary file while the Rust decoder runs: a panic it raises
+    (as Python's PanicException, the process survives) prints its report there, not on the
+    user's terminal; the report becomes part of the error message instead."""
+
+    def __enter__(self):
+        import tempfile
+
+        self.file = tempfile.TemporaryFile()
+        self.saved = os.dup(2)
+        os.dup2(self.file.fileno(), 2)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        os.dup2(self.saved, 2)
+        os.close(self.saved)
+        self.file.seek(0)
+        self.text = self.file.read(4000).decode("utf-8", "replace")
+        self.file.close()
 
 
 def _open_aedat4(path: str, limits: ReadLimits) -> _Opened:
-    _aedat4_description(path)
+    _, start, compression, data_table = _aedat4_description(path)
     try:
         import aedat
     except ImportError as exc:
@@ -404,11 +456,33 @@ def _open_aedat4(path: str, limits: ReadLimits) -> _Opened:
             break
     if target is None:
         raise EventFileError(f"{path}: the AEDAT4 description declares no event stream")
+    _aedat4_packets(path, start, compression, data_table, set(decoder.id_to_stream()))
+
+    def packets() -> Iterator[dict]:
+        if compression == 0:  # every packet checked above: nothing left to panic on
+            yield from decoder
+            return
+        while True:  # a compressed packet is checked only once decompressed, by the decoder
+            captured = _CapturedStderr()
+            try:
+                with captured:
+                    packet = next(decoder, None)
+            except BaseException as exc:
+                if isinstance(exc, (KeyboardInterrupt, SystemExit)):
+                    raise
+                panic = [line for line in captured.text.splitlines() if line.strip() and "panicked" not in line][:1]
+                raise EventFileError(
+                    f"{path}: cannot decode a {_AEDAT4_COMPRESSIONS[compression]} packet "
+                    f"({type(exc).__name__}: {panic[0] if panic else exc})"
+                ) from None
+            if packet is None:
+                return
+            yield packet
 
     def chunks() -> Iterator[np.ndarray]:
         pending: list[np.ndarray] = []
         count = 0
-        for packet in decoder:
+        for packet in packets():
             if packet.get("stream_id") != target or "events" not in packet:
                 continue
             raw = packet["events"]  # fields t (u64), x, y (u16), on (bool)
