@@ -127,6 +127,60 @@ def test_aedat4_description_without_event_stream(tmp_path):
     assert "sizeX" in AEDAT4_XML  # the test file carries the sensor size the reader takes
 
 
+def zstd_raw_frame(data: bytes) -> bytes:
+    """A valid Zstandard frame holding `data` in raw (stored) blocks, from the format's spec:
+    magic, a descriptor (single segment, 4-byte content size), then 3-byte block headers
+    (size << 3 | type 0 << 1 | last)."""
+    out = struct.pack("<IB", 0xFD2FB528, 0xA0) + struct.pack("<I", len(data))
+    blocks = [data[i : i + 1 << 16] for i in range(0, len(data), 1 << 16)] or [b""]
+    for k, block in enumerate(blocks):
+        out += ((len(block) << 3) | int(k == len(blocks) - 1)).to_bytes(3, "little") + block
+    return out
+
+
+def zstd_aedat4(plain: bytes, width: int, height: int, packet=zstd_raw_frame) -> bytes:
+    """The uncompressed AEDAT4 file `plain` rewritten with compression Zstd (3) in its header and
+    each packet body replaced by `packet(body)`."""
+    import flatbuffers
+
+    (length,) = struct.unpack_from("<I", plain, 14)
+    pos, bodies = 18 + length, []
+    while pos < len(plain):
+        stream_id, size = struct.unpack_from("<ii", plain, pos)
+        bodies.append((stream_id, plain[pos + 8 : pos + 8 + size]))
+        pos += 8 + size
+    b = flatbuffers.Builder(256)
+    desc = b.CreateString(AEDAT4_XML.format(w=width, h=height))
+    b.StartObject(3)
+    b.PrependInt32Slot(0, 3, 0)  # compression: Zstd
+    b.PrependInt64Slot(1, -1, 0)
+    b.PrependUOffsetTRelativeSlot(2, desc, 0)
+    b.Finish(b.EndObject(), file_identifier=b"IOHE")
+    header = bytes(b.Output())
+    out = b"#!AER-DAT4.0\r\n" + struct.pack("<I", len(header)) + header
+    for stream_id, body in bodies:
+        packed = packet(body)
+        out += struct.pack("<ii", stream_id, len(packed)) + packed
+    return out
+
+
+def test_aedat4_zstd_packets_and_a_panicking_one(tmp_path):
+    ev = random_events(8, 30, 128, 128)
+    plain = aedat4_bytes([ev[:10], ev[10:]], 128, 128)
+    path = tmp_path / "z.aedat4"
+    path.write_bytes(zstd_aedat4(plain, 128, 128))
+    assert_same(read_events(path).events, ev)  # decoded by aedat's zstd
+    # a packet that decompresses to 4 bytes: aedat's Rust code panics (flatbuffers asserts 12 bytes)
+    bad = tmp_path / "short.aedat4"
+    bad.write_bytes(zstd_aedat4(plain, 128, 128, packet=lambda body: zstd_raw_frame(body[:4])))
+    with raises_for(bad, "cannot decode a Zstd packet"):
+        read_events(bad)
+    res = run_tmkt("data", "info", str(bad), str(path), "--json")
+    assert res.returncode == 1 and "panicked" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert [line for line in res.stderr.splitlines() if line.strip()][0].startswith(f"error: {bad}: cannot decode")
+    assert json.loads(res.stdout)[0]["events"] == len(ev)
+
+
 # --------------------------------------------------------------------------- npy / npz / h5
 
 
