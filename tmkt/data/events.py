@@ -539,7 +539,7 @@ class _ArrayReader:
 
     def __init__(self, fh, header: _NpyHeader, name: str, source: str) -> None:
         self.fh, self.header, self.name, self.source = fh, header, name, source
-        self.left = header.nbytes // max(header.dtype.itemsize, 1) if header.dtype.itemsize else 0
+        self.left = header.nbytes // header.dtype.itemsize if header.dtype.itemsize else 0  # elements
 
     def read(self, n: int) -> np.ndarray:
         n = min(n, self.left)
@@ -613,9 +613,7 @@ def _check_expansion(source: str, declared: int, stored: int, limits: ReadLimits
         )
 
 
-def _field_arrays(
-    source: str, layout: str, readers: dict[str, _ArrayReader], n: int, limits: ReadLimits
-) -> Iterator[np.ndarray]:
+def _field_arrays(layout: str, readers: dict[str, _ArrayReader], n: int, limits: ReadLimits) -> Iterator[np.ndarray]:
     """Chunks of raw events from per-field readers (layout 'fields') or one structured reader."""
     for _ in range(0, n, limits.chunk_events):
         if layout == "events":
@@ -681,7 +679,7 @@ def _open_npz(path: str, limits: ReadLimits) -> _Opened:
                 _npy_header(fh, path)  # skip the header again
                 readers[k] = _ArrayReader(fh, headers[k], k, path)
             try:
-                yield from _field_arrays(path, layout, readers, n, limits)
+                yield from _field_arrays(layout, readers, n, limits)
             finally:
                 for fh in streams.values():
                     fh.close()
