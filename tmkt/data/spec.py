@@ -34,9 +34,9 @@ DEFAULT_BINNING = {"by": "time", "binary": False, "shift_to_origin": False, "res
 LEGACY_RESIZE = "frames"  # specs stored before the "resize" key existed resized frames
 # Limits that keep a spec (possibly read from a damaged or hostile config.json) from asking for
 # frames that cannot fit in memory: T, and the float32 elements of one sample [T, 2, H, W]
-# (2**26 elements = 256 MiB per sample).
-MAX_TIMESTEPS = 10_000
-MAX_SAMPLE_ELEMENTS = 2**26
+# (2**24 elements = 64 MiB per sample; data sets and batches hold many samples).
+MAX_TIMESTEPS = 1024
+MAX_SAMPLE_ELEMENTS = 2**24
 MAX_SIDE = 16_384
 
 
