@@ -175,3 +175,51 @@ def test_resize_events_counts_every_event_once_at_the_output_grid(sensor, out_si
         assert np.mean(down["x"] == xs) > 0.95  # tonic's float factor puts a few events one pixel off
     binary = to_frames(ev, sensor, 4, binary=True, out_size=out_size, resize="events")
     np.testing.assert_array_equal(binary, (ref > 0).astype(np.float32))
+
+
+def numpy_reference(ev, sensor, n_bins, by, out_size=None):
+    """Counts [T, 2, H, W] with np.add.at and exact integer bins (independent of the binner)."""
+    width, height = sensor
+    t = ev["t"].astype(np.int64)
+    n = len(ev)
+    if by == "count":
+        bins = np.arange(n) * n_bins // n
+    else:
+        span = int(t.max() - t.min())
+        bins = np.zeros(n, np.int64) if span == 0 else np.minimum((t - t.min()) * n_bins // span, n_bins - 1)
+    x, y = ev["x"].astype(np.int64), ev["y"].astype(np.int64)
+    if out_size is not None:
+        (height, width) = out_size
+        x, y = x * width // sensor[0], y * height // sensor[1]
+    ref = np.zeros((n_bins, 2, height, width), np.float32)
+    np.add.at(ref, (bins, (ev["p"] > 0).astype(int), y, x), 1)
+    return ref
+
+
+@pytest.mark.parametrize("by", ["time", "count"])
+@pytest.mark.parametrize("order", ["sorted", "shuffled", "packets"])
+@pytest.mark.parametrize("resize", ["events", "frames"])
+def test_one_pass_binner_equals_a_numpy_reference(by, order, resize):
+    """Streams longer than one segment of the binner (16k events), in tmkt's and dv-processing's
+    record layouts: equal to np.add.at counts, whole, shuffled, or given as packets."""
+    from tmkt.data.binning import bin_events
+    from tmkt.data.events import EVENT_DTYPE
+
+    dv_record = np.dtype({"names": ["t", "x", "y", "p"], "formats": ["<i8", "<i2", "<i2", "i1"],
+                          "offsets": [0, 8, 10, 12], "itemsize": 16})
+    rng = np.random.default_rng(11)
+    n, sensor, out = 50_003, (346, 260), (32, 32)
+    for dtype in (EVENT_DTYPE, dv_record):
+        ev = np.zeros(n, dtype)
+        ev["x"], ev["y"], ev["p"] = rng.integers(0, 346, n), rng.integers(0, 260, n), rng.integers(0, 2, n)
+        ev["t"] = np.sort(rng.integers(1_700_000_000_000_000, 1_700_000_000_050_000, n))
+        if order == "shuffled":
+            ev = ev[rng.permutation(n)]
+        given = np.split(ev, np.sort(rng.integers(0, n, 40))) if order == "packets" else ev
+        ref = numpy_reference(ev, sensor, 8, by, out if resize == "events" else None)
+        got = bin_events(given, sensor, 8, by=by, out_size=out, resize=resize)
+        if resize == "frames":
+            from tmkt.data.binning import resize_frames
+
+            ref = resize_frames(ref, out)  # the same resize of the same counts
+        np.testing.assert_array_equal(got, ref)
