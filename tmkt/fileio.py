@@ -70,15 +70,14 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale_temps(path: str | os.PathLike, suffix: str = ".tmp") -> list[Path]:
-    """Remove the temporaries of `path` left by writers on this host whose pid is dead; returns
-    what was removed. Temporaries of live writers, of other hosts and files of other names stay."""
+def remove_stale_temps(path: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries of `path` (any suffix) left by writers on this host whose pid is
+    dead; returns what was removed. Temporaries of live writers, of other hosts and files of
+    other names stay."""
     path = Path(path)
     if not path.parent.is_dir():
         return []
-    pattern = re.compile(
-        rf"^\.{re.escape(path.name)}\.tmp-{_host_tag()}-(\d+)\.[A-Za-z0-9_]+{re.escape(suffix)}$"
-    )
+    pattern = re.compile(rf"^\.{re.escape(path.name)}\.tmp-{_host_tag()}-(\d+)\.[A-Za-z0-9_]+(\..*)?$")
     removed = []
     try:
         names = os.listdir(path.parent)
@@ -126,7 +125,7 @@ def atomic_path(path: str | os.PathLike, suffix: str = ".tmp", *, exclusive: boo
     except OSError as e:
         raise _write_error(path, e) from None
     with (exclusive_lock(path.parent / f".{path.name}.lock", str(path)) if exclusive else _nothing()):
-        remove_stale_temps(path, suffix)
+        remove_stale_temps(path)
         try:
             fd, name = tempfile.mkstemp(dir=path.parent, prefix=_temp_prefix(path), suffix=suffix)
         except OSError as e:
