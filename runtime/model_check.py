@@ -11,8 +11,8 @@ asks for a 100000 x 100000 sensor). `check_model_file` finds all of these first 
 2. the protobuf parses; no tensor refers to an external data file; floating-point tensors are
    finite (a NaN weight would make every prediction the first class);
 3. the metadata: UTF-8 text, tmkt's keys and types (`tmkt.export.metadata.check_metadata`), a
-   mode of `MODES`, a binning `DataSpec` accepts (its limits: T <= 10,000, sensor and input
-   sides <= 16,384, at most 2**26 values per sample), at most `MAX_CLASSES` class names and
+   mode of `MODES`, a binning `DataSpec` accepts (its limits: `MAX_TIMESTEPS`, `MAX_SIDE`,
+   `MAX_SAMPLE_ELEMENTS` of `tmkt.data.spec`), at most `MAX_CLASSES` class names and
    state shapes of at most `MAX_STATE_ELEMENTS` values;
 4. `onnx.checker` with full shape inference;
 5. the graph's inputs and outputs against the metadata: the unrolled model takes ``events``
