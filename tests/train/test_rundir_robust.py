@@ -2,6 +2,7 @@
 one error line naming the file and the field (exit 1), or a correct result; nothing is filled in."""
 
 import errno
+import hashlib
 import json
 import os
 import shutil
@@ -51,7 +52,10 @@ def edit_resume(run: Path, tensors=None, state=None, fix_digest: bool = True) ->
     if fix_digest:
         doc["tensor_names"] = sorted(tensors)
         meta["tmkt_sha256"] = tensor_digest(tensors)
-    save_file(tensors, str(path), metadata={**meta, "state": json.dumps(doc)})
+    text = json.dumps(doc)
+    if fix_digest:
+        meta["state_sha256"] = hashlib.sha256(text.encode()).hexdigest()
+    save_file(tensors, str(path), metadata={**meta, "state": text})
 
 
 def load_file(path) -> dict:
@@ -189,6 +193,12 @@ def test_resume_state_fields_are_named(tiny_run, tmp_path):
     assert_one_error(invoke("train", "--resume", run), "'state.best'")
 
 
+def test_an_edited_resume_state_is_refused_by_its_digest(tiny_run, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    edit_resume(run, state=lambda s: s["optimizer"]["param_groups"][0].update(betas=[0.5, 0.5]), fix_digest=False)
+    assert_one_error(invoke("train", "--resume", run), str(run / "resume.safetensors"), "state_sha256")
+
+
 def test_truncated_resume_file_is_refused(tiny_run, tmp_path):
     run = copy_run(tiny_run, tmp_path)
     size = (run / "resume.safetensors").stat().st_size
@@ -253,7 +263,7 @@ def test_legacy_resume_state_without_best_weights_refuses_when_they_are_gone(tin
     # written like a file from before the digest: no digest, no name list
     path = run / "resume.safetensors"
     with safe_open(str(path), framework="pt") as f:
-        meta = {k: v for k, v in f.metadata().items() if k != "tmkt_sha256"}
+        meta = {k: v for k, v in f.metadata().items() if k not in ("tmkt_sha256", "state_sha256")}
     save_file(load_file(str(path)), str(path), metadata=meta)
     (run / "model.safetensors").unlink()
     assert_one_error(invoke("train", "--resume", run), str(run / "model.safetensors"), "cannot resume")

@@ -6,14 +6,16 @@ disagree after a crash.
 RNG states are saved at step boundaries, from every rank, so a resumed run takes the same steps
 as an uninterrupted one (see `tmkt.train.trainer`).
 
-Checked on load, never filled in: the digest of the file's tensors (`tmkt_sha256`) and the list
-of its tensor names (`state.tensor_names`), every JSON field's type and range, and, against the
-rebuilt network, method and optimizer, every tensor's presence, dtype, shape and finiteness.
+Checked on load, never filled in: the digests of the file's tensors (`tmkt_sha256`) and of its
+JSON state (`state_sha256`), the list of its tensor names (`state.tensor_names`), every JSON
+field's type and range, and, against the rebuilt network, method and optimizer, every tensor's
+presence, dtype, shape and finiteness.
 Files written before the digest and the name list existed still load, with the other checks.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 from pathlib import Path
@@ -59,8 +61,9 @@ def _unflatten_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any])
 def save_resume_state(path: Path, tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
     """One atomic safetensors file: tensors + JSON `state` (with the list of tensor names) in its
     metadata (no pickle), and the digest of its tensors."""
-    state = {**state, "tensor_names": sorted(tensors)}
-    save_weights(path, tensors, metadata={"format": RESUME_FORMAT, "state": json.dumps(state)})
+    text = json.dumps({**state, "tensor_names": sorted(tensors)})
+    save_weights(path, tensors, metadata={"format": RESUME_FORMAT, "state": text,
+                                          "state_sha256": hashlib.sha256(text.encode()).hexdigest()})
 
 
 def _is_int(v: Any) -> bool:
@@ -137,6 +140,8 @@ def load_resume_state(run_dir: str | Path) -> tuple[dict[str, torch.Tensor], dic
         if key not in state:
             raise CheckpointError(f"{path}: missing field 'state.{key}'")
     _check_state(path, state)
+    if "state_sha256" in meta and hashlib.sha256(meta["state"].encode()).hexdigest() != meta["state_sha256"]:
+        raise CheckpointError(f"{path}: field 'state' does not match its state_sha256 (damaged or edited file)")
     names = state.get("tensor_names")
     if names is not None:  # written with the name list: the digest must be there too
         if "tmkt_sha256" not in meta:
