@@ -371,3 +371,25 @@ def test_train_onto_a_really_full_tmpfs(tiny_run, tiny_run_flags, tmp_path):
     assert len(errors) == 1 and "No space left on device" in errors[0] and "Traceback" not in err, err
     assert str(mount / "run") in errors[0]
     assert not [f for f in (tmp_path / "files.txt").read_text().split() if ".tmp" in f]
+
+
+# ---------------------------------------------------------------- CPU threads
+
+
+def test_threads_flag_is_recorded_applied_for_the_run_and_restored(tiny_run, tmp_path):
+    from tmkt.train.config import ConfigError, config_from_dict
+    from tmkt.train.setup import cpu_threads, default_cpu_threads, usable_cpus
+
+    run = copy_run(tiny_run, tmp_path)
+    before = torch.get_num_threads()
+    res = invoke("train", "--resume", run, "--threads", "3")  # resume may change the thread count
+    assert res.exit_code == 0, res.output
+    assert json.loads((run / "config.json").read_text())["train"]["threads"] == 3
+    assert torch.get_num_threads() == before
+    with cpu_threads(2):
+        assert torch.get_num_threads() == 2
+    assert torch.get_num_threads() == before
+    assert default_cpu_threads() == usable_cpus() >= 1
+    with pytest.raises(ConfigError, match="threads"):
+        config_from_dict({"threads": 0})
+    assert "--threads" in invoke("train", "--help").output

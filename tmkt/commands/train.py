@@ -29,6 +29,14 @@ def _parse_input_size(text: Optional[str]) -> Optional[tuple[int, int]]:
     return (sides[0], sides[1])
 
 
+def _passive_openmp() -> None:
+    """OpenMP's threads sleep while they wait instead of spinning (unless the user set a policy):
+    beside another busy process, spinning threads steal the cores the working ones need."""
+    import os
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
 def _parse_options(items: Optional[list[str]]) -> Optional[dict]:
     """`KEY=VALUE` pairs; values are read as YAML scalars (numbers, true/false, strings)."""
     if not items:
@@ -88,6 +96,11 @@ def train_command(
     num_workers: Optional[int] = typer.Option(
         None, help="DataLoader worker processes (default: 0 on CPU, up to 4 per process on CUDA).", rich_help_panel=_SETTINGS
     ),
+    threads: Optional[int] = typer.Option(
+        None, "--threads", min=1, help="torch CPU threads (default: one per usable CPU, with OpenMP's passive wait policy "
+        "so that a busy machine slows training gracefully; docs/robustness.md). Results are bitwise reproducible "
+        "for one thread count.", rich_help_panel=_SETTINGS,
+    ),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 autocast on CUDA.", rich_help_panel=_SETTINGS),
     channels_last: Optional[bool] = typer.Option(
         None, "--channels-last/--no-channels-last", help="Channels-last memory format on CUDA.", rich_help_panel=_SETTINGS
@@ -110,6 +123,7 @@ def train_command(
     Ctrl-C saves the run (exit 130); continue it with --resume RUN_DIR. Under
     `torchrun --nproc-per-node N -m tmkt train ...` it trains data-parallel.
     """
+    _passive_openmp()  # before torch is imported: OpenMP reads it when its thread pool starts
     from rich.console import Console
 
     from tmkt.errors import TmktError
@@ -124,7 +138,7 @@ def train_command(
         "input_size": _parse_input_size(input_size), "backbone": backbone, "width": width, "method": method,
         "epochs": epochs, "batch_size": batch_size, "lr": lr, "weight_decay": weight_decay,
         "warmup_epochs": warmup_epochs, "min_lr": min_lr, "seed": seed, "out": out, "device": device,
-        "num_workers": num_workers, "amp": amp, "channels_last": channels_last, "compile": compile,
+        "num_workers": num_workers, "threads": threads, "amp": amp, "channels_last": channels_last, "compile": compile,
         "eval_every": eval_every, "eval_batch_size": eval_batch_size,
     }
     if preset is not None:
@@ -137,6 +151,10 @@ def train_command(
     if neuron:
         flags["neuron"] = neuron
     console = Console()
+    if flags["threads"] is None:
+        from tmkt.train.setup import default_cpu_threads
+
+        flags["threads"] = default_cpu_threads()
     try:
         if resume is not None:
             if config is not None:

@@ -101,6 +101,9 @@ class TrainConfig:
         device: `auto` (CUDA when available) | `cpu` | `cuda`.
         num_workers: DataLoader worker processes (None: 0 on CPU; on CUDA up to 4 per process,
             since loading a batch of 120 in the main process takes about as long as a GPU step).
+        threads: torch's intra-op CPU threads for the run (None: leave the process's setting;
+            `tmkt train` passes its policy, `tmkt.train.setup.default_cpu_threads`). Results are
+            bitwise reproducible for one thread count; another count changes float rounding.
         amp: bfloat16 autocast on CUDA (ignored on CPU, which trains in float32).
         channels_last: channels-last memory format on CUDA.
         compile: `torch.compile` each step's forward passes and losses as one graph (any device;
@@ -131,6 +134,7 @@ class TrainConfig:
     out: str | None = None
     device: str = "auto"
     num_workers: int | None = None
+    threads: int | None = None
     amp: bool = True
     channels_last: bool = True
     compile: bool = False
@@ -151,6 +155,7 @@ class TrainConfig:
             ("min_lr", self.min_lr >= 0, "must be >= 0"),
             ("device", self.device in DEVICES, f"must be one of {DEVICES}"),
             ("num_workers", self.num_workers is None or self.num_workers >= 0, "must be >= 0"),
+            ("threads", self.threads is None or 1 <= self.threads <= 1024, "must be in 1..1024"),
             ("eval_every", self.eval_every >= 1, "must be >= 1"),
             ("eval_batch_size", self.eval_batch_size is None or self.eval_batch_size >= 1, "must be >= 1"),
         ]

@@ -30,7 +30,8 @@ from tmkt.checkpoint import CheckpointError, check_finite, check_tensors, read_w
 RESUME_NAME = "resume.safetensors"
 RESUME_FORMAT = "tmkt-resume/1"
 # Settings that may change when a run is resumed (where and how fast, not what is computed).
-RESUME_MUTABLE = ("device", "num_workers", "eval_batch_size", "cache_dir", "data_root", "static_root", "compile")
+RESUME_MUTABLE = ("device", "num_workers", "threads", "eval_batch_size", "cache_dir", "data_root", "static_root",
+                  "compile")
 
 
 def _flatten_optimizer(opt: torch.optim.Optimizer) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:

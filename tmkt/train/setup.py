@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Callable
-from contextlib import ExitStack
+from collections.abc import Callable, Iterator
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field, fields
 from datetime import datetime
 from pathlib import Path
@@ -37,6 +37,37 @@ def resolve_device(name: str) -> torch.device:
     if name == "cuda" and not torch.cuda.is_available():
         raise TrainingError("device 'cuda' requested but torch sees no CUDA device (use --device cpu)")
     return torch.device(name)
+
+
+def usable_cpus() -> int:
+    """CPUs this process may run on (its affinity mask, e.g. under taskset or a container's cpuset)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except (AttributeError, OSError):
+        return max(1, os.cpu_count() or 1)
+
+
+def default_cpu_threads() -> int:
+    """`tmkt train`'s intra-op thread count when --threads is not given: one per usable CPU.
+    With the passive OpenMP wait policy the CLI sets (`OMP_WAIT_POLICY=PASSIVE`), threads that
+    wait for a busy core sleep instead of spinning on it, which is what keeps an epoch beside
+    another CPU-bound process near its one-thread time (figures: docs/robustness.md)."""
+    per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: processes sharing this machine
+    return max(1, usable_cpus() // max(1, per_node))
+
+
+@contextmanager
+def cpu_threads(threads: int | None) -> Iterator[None]:
+    """torch's intra-op threads set to `threads` for the block (None: unchanged), restored after."""
+    if threads is None:
+        yield
+        return
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def default_run_dir(method: str, root: str | Path = "runs") -> Path:

@@ -69,7 +69,7 @@ from tmkt.train.metrics import (
     reduce_sums,
 )
 from tmkt.train.resume import RESUME_NAME, restore_rng, resume_tensors, rng_tensors, save_resume_state
-from tmkt.train.setup import BEST_NAME, LAST_NAME, TrainingRun, resolve_device, set_up
+from tmkt.train.setup import BEST_NAME, LAST_NAME, TrainingRun, cpu_threads, resolve_device, set_up
 from tmkt.train.signals import StopFlag, catch_stop_signals
 from tmkt.train.step import deterministic, lr_at, seed_epoch, train_step
 
@@ -133,7 +133,8 @@ def train(
     console = console if console is not None else Console()
     say = console.print if info.is_main else (lambda *a, **k: None)
     try:
-        with deterministic(device.type == "cpu"), ExitStack() as held:  # held: the run directory's lock
+        # held: the run directory's lock, released when training ends however it ends
+        with deterministic(device.type == "cpu"), cpu_threads(cfg.threads), ExitStack() as held:
             run = set_up(cfg, device, info, console, say, resume, overwrite, held)
             with catch_stop_signals() as stop:
                 for epoch in range(run.start_epoch, cfg.epochs):
