@@ -232,6 +232,10 @@ def main() -> None:
             results.append(("in-process, real time", run(paced_source(args.seconds, args.rate), clf, args.window_ms)))
             costs = overhead(args.seconds, args.rate, args.window_ms, clf.spec)
         if args.source in ("both", "dv"):
+            # loaded here rather than in the reader thread during the timed run (a few hundredths of a
+            # second of CPU, but longer in wall time on a busy machine)
+            import dv_processing  # noqa: F401
+
             src, proc = dv_source(args.dv_seconds, args.rate, writer_core)
             try:
                 results.append(("DV NetworkWriter -> NetworkReader, 127.0.0.1", run(src, clf, args.window_ms)))
