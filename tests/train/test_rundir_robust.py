@@ -376,7 +376,7 @@ def test_train_onto_a_really_full_tmpfs(tiny_run, tiny_run_flags, tmp_path):
 # ---------------------------------------------------------------- CPU threads
 
 
-def test_threads_flag_is_recorded_applied_for_the_run_and_restored(tiny_run, tmp_path):
+def test_threads_flag_is_recorded_applied_for_the_run_and_restored(tiny_run, tmp_path, monkeypatch):
     from tmkt.train.config import ConfigError, config_from_dict
     from tmkt.train.setup import cpu_threads, default_cpu_threads, usable_cpus
 
@@ -389,7 +389,11 @@ def test_threads_flag_is_recorded_applied_for_the_run_and_restored(tiny_run, tmp
     with cpu_threads(2):
         assert torch.get_num_threads() == 2
     assert torch.get_num_threads() == before
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.delenv("LOCAL_WORLD_SIZE", raising=False)
     assert default_cpu_threads() == usable_cpus() >= 1
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's setting wins
+    assert default_cpu_threads() == 3
     with pytest.raises(ConfigError, match="threads"):
         config_from_dict({"threads": 0})
     assert "--threads" in invoke("train", "--help").output

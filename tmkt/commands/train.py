@@ -97,9 +97,10 @@ def train_command(
         None, help="DataLoader worker processes (default: 0 on CPU, up to 4 per process on CUDA).", rich_help_panel=_SETTINGS
     ),
     threads: Optional[int] = typer.Option(
-        None, "--threads", min=1, help="torch CPU threads (default: one per usable CPU, with OpenMP's passive wait policy "
-        "so that a busy machine slows training gracefully; docs/robustness.md). Results are bitwise reproducible "
-        "for one thread count.", rich_help_panel=_SETTINGS,
+        None, "--threads", min=1, help="torch CPU threads (default: OMP_NUM_THREADS if set, else one per usable CPU, "
+        "with OpenMP's passive wait policy so that a busy machine slows training gracefully; docs/robustness.md; "
+        "--resume keeps the run's count). Results are bitwise reproducible for one thread count.",
+        rich_help_panel=_SETTINGS,
     ),
     amp: Optional[bool] = typer.Option(None, "--amp/--no-amp", help="bfloat16 autocast on CUDA.", rich_help_panel=_SETTINGS),
     channels_last: Optional[bool] = typer.Option(
@@ -151,7 +152,7 @@ def train_command(
     if neuron:
         flags["neuron"] = neuron
     console = Console()
-    if flags["threads"] is None:
+    if flags["threads"] is None and resume is None:  # a resumed run keeps its stored count: bitwise the same steps
         from tmkt.train.setup import default_cpu_threads
 
         flags["threads"] = default_cpu_threads()

@@ -48,10 +48,14 @@ def usable_cpus() -> int:
 
 
 def default_cpu_threads() -> int:
-    """`tmkt train`'s intra-op thread count when --threads is not given: one per usable CPU.
+    """`tmkt train`'s intra-op thread count when --threads is not given: OMP_NUM_THREADS when the
+    user set it, else one per usable CPU.
     With the passive OpenMP wait policy the CLI sets (`OMP_WAIT_POLICY=PASSIVE`), threads that
     wait for a busy core sleep instead of spinning on it, which is what keeps an epoch beside
     another CPU-bound process near its one-thread time (figures: docs/robustness.md)."""
+    omp = os.environ.get("OMP_NUM_THREADS", "").strip()
+    if omp.isdigit() and int(omp) >= 1:
+        return int(omp)
     per_node = int(os.environ.get("LOCAL_WORLD_SIZE", "1") or 1)  # torchrun: processes sharing this machine
     return max(1, usable_cpus() // max(1, per_node))
 
