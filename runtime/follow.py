@@ -4,11 +4,9 @@ Each decoder takes the file's bytes in pieces of any size (`feed(data) -> events
 the events those bytes complete, carrying partial words, lines and decoder state over;
 `finish()` at the end returns what a last partial line held (or raises on a partial word):
 
-- Prophesee `.raw` EVT 3.0: the 16-bit words of `tmkt.data.events._decode_evt3` (its decoder,
-  fed the new words behind a prefix that restores the state the previous piece left: time high
-  and low, row, vector base and polarity; the 24-bit time-base wraps are carried);
-- Prophesee `.raw` EVT 2.0: 32-bit words, CD events with a 6-bit time low under the last
-  TIME_HIGH (28 bits);
+- Prophesee `.raw` EVT 3.0 (16-bit words) and EVT 2.0 (32-bit words): the chunk decoders of
+  `tmkt.data.events` that the whole-file reader uses, their state (time high and low, row,
+  vector base and polarity, time-base wraps; EVT2's last TIME_HIGH) carried from piece to piece;
 - text (`.csv`, `.txt`): `t,x,y,p` per line (commas or spaces; `#` comments; t in µs).
 
 The whole-file readers stay in `tmkt.data.events` (`read_events`); the tests check that these
@@ -21,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmkt.data.events import EVENT_DTYPE
+from tmkt.data.events import EVENT_DTYPE, _decode_evt2_chunk, _decode_evt3_chunk, _Evt3State
 from tmkt.errors import TmktError
 
 __all__ = ["FOLLOW_SUFFIXES", "FollowError", "decoder_for"]
@@ -35,83 +33,39 @@ class FollowError(TmktError, ValueError):
     """A followed file holds something its decoder cannot read."""
 
 
-class _Evt3:
-    def __init__(self, source: str) -> None:
-        self.source = source
+class _Words:
+    """Whole words of `size` bytes, decoded by `decode(words, state) -> (events, state)`: the
+    chunk decoders of `tmkt.data.events`, which carry their state from piece to piece."""
+
+    def __init__(self, source: str, name: str, dtype: str, decode, state) -> None:
+        self.source, self.name, self.dtype = source, name, np.dtype(dtype)
+        self.decode, self.state = decode, state
         self.rest = b""
-        self.prefix = np.empty(0, "<u2")
-        self.wraps = 0
 
     def feed(self, data: bytes) -> np.ndarray:
-        from tmkt.data.events import _decode_evt3
-
         data = self.rest + data
-        n = len(data) // 2 * 2
+        n = len(data) // self.dtype.itemsize * self.dtype.itemsize
         self.rest = data[n:]
         if n == 0:
             return np.empty(0, EVENT_DTYPE)
-        words = np.concatenate([self.prefix, np.frombuffer(data[:n], "<u2")])
-        ev = _decode_evt3(words)  # the prefix holds state words only: no events of its own
-        kind = words >> 12
-        highs = (words[kind == 0x8] & 0x0FFF).astype(np.int64)
-        if len(ev):
-            ev["t"] += self.wraps * (4096 << 12)
-        self.wraps += int((np.diff(highs) < 0).sum())
-        self.prefix = self._state(words, kind)
-        return ev
-
-    @staticmethod
-    def _state(words: np.ndarray, kind: np.ndarray) -> np.ndarray:
-        """Words that put a fresh decoder where `words` left it (last time high/low, row, base x)."""
-        keep = []
-        for k in (0x8, 0x6, 0x0):
-            pos = np.flatnonzero(kind == k)
-            if len(pos):
-                keep.append(int(words[pos[-1]]))
-        base = np.flatnonzero(kind == 0x3)
-        if len(base):
-            b = int(base[-1])
-            after = kind[b + 1 :]
-            x = (int(words[b]) & 0x7FF) + 12 * int((after == 0x4).sum()) + 8 * int((after == 0x5).sum())
-            keep.append(0x3000 | (int(words[b]) & 0x800) | (x & 0x7FF))
-        return np.asarray(keep, "<u2")
-
-    def finish(self) -> np.ndarray:
-        if self.rest:
-            raise FollowError(f"{self.source}: ends inside a 16-bit EVT3 word")
-        return np.empty(0, EVENT_DTYPE)
-
-
-class _Evt2:
-    def __init__(self, source: str) -> None:
-        self.source = source
-        self.rest = b""
-        self.high = 0
-
-    def feed(self, data: bytes) -> np.ndarray:
-        data = self.rest + data
-        n = len(data) // 4 * 4
-        self.rest = data[n:]
-        w = np.frombuffer(data[:n], "<u4").astype(np.int64)
-        kind = w >> 28
-        is_high = kind == 0x8
-        idx = np.arange(len(w))
-        pos = np.maximum.accumulate(np.where(is_high, idx, -1))
-        high = np.where(pos >= 0, w[np.maximum(pos, 0)] & 0x0FFFFFFF, self.high)
-        if is_high.any():
-            self.high = int(w[is_high][-1] & 0x0FFFFFFF)
-        cd = (kind == 0x0) | (kind == 0x1)
-        out = np.empty(int(cd.sum()), EVENT_DTYPE)
-        out["t"] = (high[cd] << 6) | ((w[cd] >> 22) & 0x3F)
-        out["x"] = (w[cd] >> 11) & 0x7FF
-        out["y"] = w[cd] & 0x7FF
-        out["p"] = kind[cd]
+        raw, self.state = self.decode(np.frombuffer(data[:n], self.dtype), self.state)
+        out = np.empty(len(raw), EVENT_DTYPE)
+        for field in ("x", "y", "t", "p"):
+            out[field] = raw[field]
         return out
 
     def finish(self) -> np.ndarray:
         if self.rest:
-            raise FollowError(f"{self.source}: ends inside a 32-bit EVT2 word")
+            raise FollowError(f"{self.source}: ends inside a {8 * self.dtype.itemsize}-bit {self.name} word")
         return np.empty(0, EVENT_DTYPE)
+
+
+def _evt3(source: str) -> _Words:
+    return _Words(source, "EVT3", "<u2", _decode_evt3_chunk, _Evt3State())
+
+
+def _evt2(source: str) -> _Words:
+    return _Words(source, "EVT2", "<u4", _decode_evt2_chunk, 0)
 
 
 class _Raw:
@@ -120,7 +74,7 @@ class _Raw:
     def __init__(self, source: str) -> None:
         self.source = source
         self.head = b""
-        self.inner: _Evt2 | _Evt3 | None = None
+        self.inner: _Words | None = None
 
     def feed(self, data: bytes) -> np.ndarray:
         if self.inner is not None:
@@ -145,9 +99,9 @@ class _Raw:
         version = fields.get("evt", "")
         fmt = fields.get("format", "").split(";")[0].strip().upper()
         if version.startswith("3") or fmt == "EVT3":
-            self.inner = _Evt3(self.source)
+            self.inner = _evt3(self.source)
         elif version.startswith("2") or fmt == "EVT2":
-            self.inner = _Evt2(self.source)
+            self.inner = _evt2(self.source)
         else:
             raise FollowError(f"{self.source}: unknown Prophesee .raw encoding (evt={version or '?'}, "
                               f"format={fmt or '?'}); EVT 2.0 and EVT 3.0 can be followed")
