@@ -23,7 +23,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, safe_open
 
 from tmkt.checkpoint import CheckpointError, check_finite, check_tensors, read_weights, save_weights
 
