@@ -30,6 +30,8 @@ demo: install lava-env
 	$(BIN)/tmkt export $(DEMO) --target onnx --mode stream --out $(DEMO)/model-stream.onnx
 	$(BIN)/tmkt export $(DEMO) --target lava --out $(DEMO)/model.net
 	$(BIN)/tmkt eval $(DEMO)/model.net
+	$(BIN)/tmkt export $(DEMO) --target onnx --int8 --out $(DEMO)/model-int8.onnx
+	$(BIN)/tmkt eval $(DEMO)/model-int8.onnx
 	$(BIN)/tmkt export $(DEMO) --target nir --out $(DEMO)/model.nir
 	$(BIN)/tmkt profile $(DEMO) --energy --samples 64 --json $(DEMO)/profile.json --plot $(DEMO)/profile.png
 
