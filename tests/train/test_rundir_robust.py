@@ -397,3 +397,11 @@ def test_threads_flag_is_recorded_applied_for_the_run_and_restored(tiny_run, tmp
     with pytest.raises(ConfigError, match="threads"):
         config_from_dict({"threads": 0})
     assert "--threads" in invoke("train", "--help").output
+
+
+def test_overwrite_starts_a_fresh_metrics_file(tiny_run, tiny_run_flags, tmp_path):
+    run = copy_run(tiny_run, tmp_path)
+    res = invoke("train", *tiny_run_flags, "--epochs", "1", "--cache-dir", tiny_run[1], "--out", run, "--overwrite")
+    assert res.exit_code == 0, res.output
+    epochs = [json.loads(line)["epoch"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert epochs == [1]

@@ -294,6 +294,8 @@ def set_up(cfg: TrainConfig, device: torch.device, info: dist_utils.DistInfo, co
     }
     if resumed is not None:
         _rewrite_run_files(run)
+    elif info.is_main:  # a fresh run (--overwrite included) starts its own metrics, not after another run's
+        truncate_metrics(run_dir / METRICS_NAME, 0)
     run.tb = tensorboard(run_dir) if info.is_main else None
     _announce(run)
     return run
