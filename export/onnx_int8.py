@@ -47,7 +47,7 @@ from typing import Any
 
 import numpy as np
 
-from tmkt.export.graph import Add, AvgPool2d, Conv2d, Dense, DeployGraph
+from tmkt.export.graph import Add, AvgPool2d, Conv2d, DeployGraph
 from tmkt.export.metadata import encode_metadata, graph_metadata
 from tmkt.export.int_graph import GroupNet, quantize_residual, simulate_groups
 from tmkt.export.netx import INPUT_THRESHOLD, InputMismatchWarning, input_mismatch
@@ -55,7 +55,7 @@ from tmkt.export.netx_sim import UV_MAX, layer_current, netx_dense_weight, simul
 from tmkt.export.onnx import MODES, read_onnx_metadata
 from tmkt.export.quantize import DECAY_UNITY, WEIGHT_EXP, QLayer, QuantizedNet, quantize_graph
 from tmkt.export.report import ExportError, ExportReport, ExportVerificationError
-from tmkt.fileio import atomic_path
+from tmkt.fileio import atomic_bytes
 
 PRECISION = "int8"
 OPSET = 17
@@ -565,8 +565,7 @@ def export_onnx_int8(
     checks = {"onnx.checker": "ok", check: "skipped"}
     figures: dict[str, Any] = {"layers": len(plan), "pool_unfolded": sum(l.pool is not None for grp in plan for l in grp.layers)}
     path = Path(path)
-    with atomic_path(path, suffix=".onnx") as tmp:
-        tmp.write_bytes(data)
+    with atomic_bytes(path, data, suffix=".onnx", exclusive=True) as tmp:  # one writer of `path` at a time
         onnx.checker.check_model(str(tmp), full_check=True)
         if verify:
             rng = np.random.default_rng(seed)

@@ -25,6 +25,7 @@ from tmkt.export.graph import lower_run
 from tmkt.export.netx import export_netx, read_netx
 from tmkt.export.nir import export_nir
 from tmkt.export.onnx import export_onnx
+from tmkt.export.onnx_int8 import export_onnx_int8
 from tmkt.fileio import LockedError, WriteError, atomic_path, exclusive_lock, remove_stale_temps
 from tmkt.models import ModelConfig, build_model, randomize_batchnorm
 
@@ -203,7 +204,7 @@ def test_a_second_writer_of_an_export_is_refused_with_the_holders_pid(graph, tmp
     out = tmp_path / "m.onnx"
     with exclusive_lock(tmp_path / ".m.onnx.lock", str(out)):
         for export in (lambda: export_onnx(graph, out, verify=False), lambda: export_nir(graph, out, verify=False),
-                       lambda: export_netx(graph, out, verify=False)):
+                       lambda: export_netx(graph, out, verify=False), lambda: export_onnx_int8(graph, out, verify=False)):
             with pytest.raises(LockedError, match=f"{out} is being written by another tmkt process \\(pid {os.getpid()}\\)"):
                 export()
     assert not out.exists()
