@@ -19,7 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
-from tmkt.data.events import EVENT_DTYPE, _decode_evt2_chunk, _decode_evt3_chunk, _Evt3State
+from tmkt.data.events import EVENT_DTYPE, _decode_evt2_chunk, _decode_evt3_chunk, _Evt3State, prophesee_encoding
 from tmkt.errors import TmktError
 
 __all__ = ["FOLLOW_SUFFIXES", "FollowError", "decoder_for"]
@@ -96,11 +96,10 @@ class _Raw:
             fields[key.lower()] = value.strip()
         else:
             return np.empty(0, EVENT_DTYPE)  # only header so far
-        version = fields.get("evt", "")
-        fmt = fields.get("format", "").split(";")[0].strip().upper()
-        if version.startswith("3") or fmt == "EVT3":
+        encoding, version, fmt = prophesee_encoding(fields)
+        if encoding == "evt3":
             self.inner = _evt3(self.source)
-        elif version.startswith("2") or fmt == "EVT2":
+        elif encoding == "evt2":
             self.inner = _evt2(self.source)
         else:
             raise FollowError(f"{self.source}: unknown Prophesee .raw encoding (evt={version or '?'}, "

@@ -769,6 +769,17 @@ def _prophesee_header(path: str) -> tuple[dict[str, str], int]:
     return fields, offset
 
 
+def prophesee_encoding(header: dict[str, str]) -> tuple[str | None, str, str]:
+    """A .raw header's CD encoding: ("evt3" | "evt2" | None, the `evt` field, the `format` name)."""
+    version = header.get("evt", "")
+    fmt = header.get("format", "").split(";")[0].strip().upper()
+    if version.startswith("3") or fmt == "EVT3":
+        return "evt3", version, fmt
+    if version.startswith("2") or fmt == "EVT2":
+        return "evt2", version, fmt
+    return None, version, fmt
+
+
 def _prophesee_size(header: dict[str, str]) -> tuple | None:
     if "geometry" in header:
         match = re.fullmatch(r"(\d{1,6})x(\d{1,6})", header["geometry"])
@@ -908,11 +919,10 @@ def _decode_evt2_chunk(words: np.ndarray, high: int) -> tuple[np.ndarray, int]:
 
 def _open_raw(path: str, limits: ReadLimits) -> _Opened:
     header, offset = _prophesee_header(path)
-    version = header.get("evt", "")
-    fmt = header.get("format", "").split(";")[0].strip().upper()
+    encoding, version, fmt = prophesee_encoding(header)
     payload = os.path.getsize(path) - offset
     size = _prophesee_size(header)
-    if version.startswith("3") or fmt == "EVT3":
+    if encoding == "evt3":
         if payload % 2:
             raise EventFileError(f"{path}: truncated EVT3 data: {payload} bytes is not a multiple of 2")
 
@@ -923,7 +933,7 @@ def _open_raw(path: str, limits: ReadLimits) -> _Opened:
                 yield events
 
         return _Opened(size, None, evt3())
-    if version.startswith("2") or fmt == "EVT2":
+    if encoding == "evt2":
         if payload % 4:
             raise EventFileError(f"{path}: truncated EVT2 data: {payload} bytes is not a multiple of 4")
 
