@@ -171,6 +171,47 @@ def test_stream_stepped_T_times_equals_unrolled(small):
         assert np.array_equal(a["spikes"][name], b["spikes"][name]) and a["spikes"][name].any()
 
 
+def test_gather_im2col_equals_the_taps_with_stride_and_dilation():
+    """The im2col index (one Gather of pixels) gives, per output pixel, the taps a convolution reads."""
+    from tmkt.export.onnx_int8 import _im2col_index
+
+    rng = np.random.default_rng(0)
+    for (hp, wp), taps, stride, dil in [((10, 12), (3, 3), (1, 1), (1, 1)), ((11, 9), (3, 2), (2, 1), (1, 2)),
+                                        ((9, 9), (1, 1), (2, 2), (1, 1))]:
+        ho, wo = (hp - dil[0] * (taps[0] - 1) - 1) // stride[0] + 1, (wp - dil[1] * (taps[1] - 1) - 1) // stride[1] + 1
+        x = rng.integers(0, 255, (2, hp, wp, 3))
+        got = x.reshape(2, hp * wp, 3)[:, _im2col_index(hp, wp, taps, stride, dil, (ho, wo))].reshape(2, ho, wo, -1)
+        for y in range(ho):
+            for xx in range(wo):
+                want = [x[:, y * stride[0] + ty * dil[0], xx * stride[1] + tx * dil[1]]
+                        for ty in range(taps[0]) for tx in range(taps[1])]
+                assert np.array_equal(got[:, y, xx], np.concatenate(want, axis=-1))
+
+
+@pytest.mark.parametrize("backbone", sorted(BACKBONES))
+def test_spike_values_carry_the_gain_within_uint8(tmp_path, backbone):
+    """Spikes carry a power of two that divides each reader's gain and keeps its sum-pooled input
+    in uint8; the layers whose gain the value holds run without an int32 multiply of their currents."""
+    from tmkt.export.onnx_int8 import int8_mantissa, spike_values
+
+    graph = G.lower_run(load_run(make_run(tmp_path, backbone, **BACKBONES[backbone])))
+    net, plan = int8_network(graph, spikes_for(graph, 8, 2))
+    values = spike_values(plan)
+    rest = 0
+    for group in plan:
+        for layer in group.layers:
+            v = values[layer.source]
+            gain = (1 if group.readout else 64) << int8_mantissa(layer.weight)[1]
+            pool = 1 if layer.pool is None else int(np.prod(layer.pool.kernel))
+            assert v & (v - 1) == 0 and gain % v == 0 and v * pool <= 255
+            rest += gain != v
+    if backbone == "vgg":  # 64 << 1 = 128 on every unpooled conv; the sum-pooled ones carry 32 (x4 left)
+        assert values[plan[0].layers[0].source] == 128 and rest == sum(l.pool is not None for g in plan for l in g.layers)
+    model = int8_model_proto(plan, net, "unrolled", int(graph.meta["timesteps"]))
+    currents = {n.output[0] for n in model.graph.node if n.op_type == "MatMulInteger"}
+    assert sum(n.op_type == "Mul" and n.input[0] in currents for n in model.graph.node) == rest
+
+
 def torch_int_reference(net, spikes):
     """Independent int64 PyTorch model of the quantized net, step-major: F.conv2d / linear currents
     on the folded netx kernels (float64, exact for these integers), CUBA neurons in int64.
