@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 
 from tmkt.export.graph import LIF, Add, AvgPool2d, Conv2d, Dense, DeployGraph, Flatten, Input
-from tmkt.export.netx_sim import layer_current, run_cuba
+from tmkt.export.netx_sim import layer_current, run_cuba, sample_chunk
 from tmkt.export.quantize import (
     FloatLayer,
     LavaExportError,
@@ -176,6 +176,14 @@ def simulate_groups(net: GroupNet, spikes: np.ndarray, stop_before_readout: bool
     (int64, per step, bias included; absent with `stop_before_readout`)}."""
     x = np.asarray(spikes)
     t, b = x.shape[:2]
+    step = sample_chunk(t, [tuple(x.shape[2:])] + [tuple(q.out_shape) for grp in net.groups for q in grp.layers])
+    if b > step:  # samples are independent: bounded memory for a large batch (calibration)
+        parts = [simulate_groups(net, x[:, i:i + step], stop_before_readout) for i in range(0, b, step)]
+        merged: dict[str, Any] = {key: {name: np.concatenate([p[key][name] for p in parts], axis=1) for name in parts[0][key]}
+                                  for key in ("spikes", "vals")}
+        if not stop_before_readout:
+            merged["readout_current"] = np.concatenate([p["readout_current"] for p in parts], axis=1)
+        return merged
     vals = {net.input_name: (x > 0).astype(np.uint8)}
     out: dict[str, Any] = {"spikes": {}}
     for group in net.groups:

@@ -473,7 +473,7 @@ def export_netx(
     checks: dict[str, str] = {}
     figures: dict[str, Any] = {"layers": len(net.layers), "readout_range": net.meta["readout_range"]}
     if calibration is not None:
-        sim = simulate(net, calibration)
+        sim = simulate(net, calibration, keep_spikes=False)
         in_range = float(sim.readout_in_range.mean())
         figures["calibration_readout_in_range"] = in_range
         if in_range < 1.0:

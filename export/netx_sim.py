@@ -165,11 +165,26 @@ def layer_current(layer: QLayer, x: np.ndarray) -> np.ndarray:
 # ---------------------------------------------------------------- network
 
 
+SIM_BYTES = 1 << 30  # working memory the simulator may take at once (int64 currents and states)
+
+
+def sample_chunk(timesteps: int, shapes: list[tuple[int, ...]], budget: int | None = None) -> int:
+    """Samples simulated at once so that a layer's int64 current, membranes and their
+    temporaries (about 8 arrays of `[T, B, *shape]`) stay within `budget` bytes: samples are
+    independent, so the simulator runs a large batch (512 calibration samples, a test split)
+    in chunks of this many instead of holding 10s of GB (a VGG-SNN at 48x48)."""
+    per_sample = 8 * 8 * timesteps * max((int(np.prod(s)) for s in shapes), default=1)
+    return max(1, (SIM_BYTES if budget is None else budget) // per_sample)
+
+
 def hidden_spikes(layers: list[QLayer], spikes: np.ndarray) -> np.ndarray:
     """Spikes `[T, B, I]` (flattened) that the layers before the readout, `layers`, send it for
     input `spikes` `[T, B, C, H, W]`: what the readout's range is calibrated on."""
     x = np.asarray(spikes)
     t, b = x.shape[:2]
+    step = sample_chunk(t, [tuple(x.shape[2:])] + [tuple(q.out_shape) for q in layers])
+    if b > step:
+        return np.concatenate([hidden_spikes(layers, x[:, i:i + step]) for i in range(0, b, step)], axis=1)
     cur = (x > 0).astype(np.uint8)
     for layer in layers:
         a = layer_current(layer, cur.reshape(t * b, *cur.shape[2:])).reshape(t, b, *layer.out_shape)
@@ -178,11 +193,13 @@ def hidden_spikes(layers: list[QLayer], spikes: np.ndarray) -> np.ndarray:
     return cur.reshape(t, b, -1)
 
 
-def simulate(net: QuantizedNet, spikes: np.ndarray) -> SimResult:
+def simulate(net: QuantizedNet, spikes: np.ndarray, keep_spikes: bool = True) -> SimResult:
     """Run binary input `spikes` `[T, B, C, H, W]` through `net`, aligned per sample.
 
     The input layer (iDecay 4096, vDecay 4096, vThMant 0) passes a 0/1 input through unchanged;
-    larger integer inputs also give one spike (it fires on a_in >= 1).
+    larger integer inputs also give one spike (it fires on a_in >= 1). A large batch runs in
+    chunks of samples (`sample_chunk`). `keep_spikes=False` leaves `spikes` empty (the
+    predictions and the readout's range only: what evaluating a data set needs).
     """
     x = np.asarray(spikes)
     if x.ndim != 5 or tuple(x.shape[2:]) != tuple(net.input_shape):
@@ -190,6 +207,13 @@ def simulate(net: QuantizedNet, spikes: np.ndarray) -> SimResult:
     if np.any(x < 0) or not np.all(np.equal(np.mod(x, 1), 0)):
         raise ValueError("input spikes must be non-negative integers (binarize frames with to_spikes)")
     t, b = x.shape[:2]
+    step = sample_chunk(t, [tuple(x.shape[2:])] + [tuple(q.out_shape) for q in net.layers])
+    if b > step:
+        parts = [simulate(net, x[:, i:i + step], keep_spikes) for i in range(0, b, step)]
+        return SimResult([np.concatenate(layer, axis=1) for layer in zip(*(p.spikes for p in parts))],
+                         np.concatenate([p.readout_v for p in parts], axis=1),
+                         np.concatenate([p.readout_current for p in parts]),
+                         np.concatenate([p.readout_in_range for p in parts]))
     cur = (x > 0).astype(np.uint8)
     out = [cur]
     readout_v = readout_current = None
@@ -207,4 +231,4 @@ def simulate(net: QuantizedNet, spikes: np.ndarray) -> SimResult:
     n = net.layers[-1].neuron
     in_range = (np.abs(readout_v).max(axis=0).max(axis=1) < UV_MAX - 1) & ~out[-1].any(axis=(0, 2)).astype(bool)
     in_range &= (n.v_decay == 0)
-    return SimResult(out, readout_v, readout_current, in_range)
+    return SimResult(out if keep_spikes else [], readout_v, readout_current, in_range)

@@ -8,6 +8,8 @@ The scripts ship with the source checkout, not with a wheel (``runtime/`` is ins
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import tempfile
 import time
@@ -43,6 +45,15 @@ def cached_python(env: Path, stamp: str, builder: str, builder_args: list[str], 
     return py
 
 
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL `proc`'s process group (it leads one: start_new_session) and reap it."""
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.communicate()
+
+
 def run_npz(python: Path, script: Path, args: list[str], inputs: dict[str, np.ndarray], *, timeout: float,
             error: type[Exception], what: str) -> tuple[dict[str, np.ndarray], float]:
     """Run ``python script *args in.npz out.npz`` with `inputs` in ``in.npz``; returns the arrays of
@@ -51,10 +62,20 @@ def run_npz(python: Path, script: Path, args: list[str], inputs: dict[str, np.nd
         inp, outp = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(inp, **inputs)
         start = time.perf_counter()
-        proc = subprocess.run([str(python), str(script), *args, str(inp), str(outp)], capture_output=True, text=True,
-                              timeout=timeout)
+        # its own process group: lava starts a process per layer, and a timeout must end them all
+        proc = subprocess.Popen([str(python), str(script), *args, str(inp), str(outp)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, start_new_session=True)
+        try:
+            _, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_group(proc)
+            raise error(f"{what} did not finish within {timeout:.0f} s and was stopped (with every process it "
+                        "started)") from None
+        except BaseException:  # Ctrl-C: leave nothing running
+            _kill_group(proc)
+            raise
         seconds = time.perf_counter() - start
         if proc.returncode != 0:
-            raise error(f"{what} failed (exit {proc.returncode}):\n{proc.stderr[-3000:]}")
+            raise error(f"{what} failed (exit {proc.returncode}):\n{stderr[-3000:]}")
         with np.load(outp) as z:
             return {k: z[k] for k in z.files}, seconds

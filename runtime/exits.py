@@ -74,7 +74,8 @@ def evaluate_exits(run_dir: str | Path, *, split: str = "test", frameworks: tupl
         net = read_netx(netx.path)
         sim_pred, in_range = [], []
         for i in range(0, frames.shape[1], batch):
-            sim = simulate(net, to_spikes(frames[:, i:i + batch], net.meta.get("input_threshold", INPUT_THRESHOLD)))
+            sim = simulate(net, to_spikes(frames[:, i:i + batch], net.meta.get("input_threshold", INPUT_THRESHOLD)),
+                           keep_spikes=False)
             sim_pred.append(sim.prediction)
             in_range.append(sim.readout_in_range)
         chip_pred = np.concatenate(sim_pred)

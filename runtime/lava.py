@@ -63,7 +63,14 @@ def verify_with_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Pa
     that differs. Returns {"layers", "spikes", "samples", "lava_seconds"}."""
     net = read_netx(path)
     sim = simulate(net, np.asarray(spikes).transpose(1, 0, 2, 3, 4))
-    lava = run_in_lava(path, spikes, lava_env=lava_env)
+    try:
+        lava = run_in_lava(path, spikes, lava_env=lava_env)
+    except LavaError as e:
+        if "did not finish" not in str(e):
+            raise
+        raise LavaError(f"{e}: lava-dl runs every layer as its own process on the CPU, which a large network (a "
+                        f"VGG-SNN at 48x48: over 10 min for {spikes.shape[0]} samples here) outlasts; export with "
+                        "--no-verify to skip the lava-dl check") from None
     names = ["input"] + [q.name for q in net.layers]
     if len(lava["spikes"]) != len(sim.spikes):
         raise LavaError(f"lava built {len(lava['spikes'])} layers, the simulator {len(sim.spikes)}")

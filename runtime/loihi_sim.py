@@ -128,7 +128,7 @@ def _count_correct(net, graph: DeployGraph | None, samples, n_total: int, batch_
     for lo in range(0, n_total, batch_size):
         frames, labels = _frames_labels([samples[i] for i in range(lo, min(lo + batch_size, n_total))])
         spikes = to_spikes(frames, input_threshold)
-        sim = simulate(net, spikes)
+        sim = simulate(net, spikes, keep_spikes=False)
         counts["quantized"] += int((sim.prediction == labels).sum())
         counts["exact"] += int((sim.exact_prediction == labels).sum())
         counts["in_range"] += int(sim.readout_in_range.sum())

@@ -96,6 +96,39 @@ def test_residual_quantizer_gives_the_netx_integers_on_a_chain(small):
         assert q.neuron == g.neuron and q.scale == g.scale
 
 
+def test_large_batches_run_in_chunks_with_the_same_result(small, monkeypatch):
+    """A batch larger than the memory budget allows (512 calibration samples of a VGG-SNN would
+    take 10s of GB at once) runs in chunks of samples, with results identical to one pass."""
+    import tmkt.export.netx_sim as sim_mod
+    from tmkt.export.int_graph import simulate_groups
+    from tmkt.export.netx_sim import hidden_spikes, run_cuba
+
+    _, graph, calibration = small
+    spikes = calibration[:, :7]
+    net = quantize_graph(graph, spikes)
+    whole = simulate(net, spikes)
+    groups = quantize_residual(graph, spikes)
+    whole_groups = simulate_groups(groups, spikes)
+    hidden = hidden_spikes(net.layers[:-1], spikes)
+    shapes = [graph.input_shape] + [q.out_shape for q in net.layers]
+    monkeypatch.setattr(sim_mod, "SIM_BYTES", 2 * 8 * 8 * 4 * max(int(np.prod(s)) for s in shapes))
+    assert sim_mod.sample_chunk(4, shapes) == 2  # 2 samples at a time: 4 chunks of the 7
+    calls = []
+    monkeypatch.setattr(sim_mod, "run_cuba", lambda *a: calls.append(a[0].shape[1]) or run_cuba(*a))
+    for a, b in zip(simulate(net, spikes).spikes, whole.spikes):
+        assert np.array_equal(a, b)
+    assert set(calls) == {1, 2}  # the chunks ran, none whole
+    chunked = simulate(net, spikes, keep_spikes=False)
+    assert chunked.spikes == [] and np.array_equal(chunked.readout_v, whole.readout_v)
+    assert np.array_equal(chunked.readout_current, whole.readout_current)
+    assert np.array_equal(chunked.readout_in_range, whole.readout_in_range)
+    assert np.array_equal(hidden_spikes(net.layers[:-1], spikes), hidden)
+    assert quantize_graph(graph, spikes).layers[-1].scale == net.layers[-1].scale
+    got = simulate_groups(groups, spikes)
+    assert np.array_equal(got["readout_current"], whole_groups["readout_current"])
+    assert all(np.array_equal(got["spikes"][k], whole_groups["spikes"][k]) for k in whole_groups["spikes"])
+
+
 def test_residual_group_shares_one_scale_and_keeps_the_identity_shortcut(tmp_path):
     graph = G.lower_run(load_run(make_run(tmp_path, "resnet18", width=0.125)))
     net = quantize_residual(graph, spikes_for(graph, 8, 0))

@@ -12,26 +12,40 @@ from tmkt.commands import fail
 TARGETS = ("onnx", "lava", "nir")
 
 
+def _calibration(run, what: str):
+    """The netx export's calibration spikes (both integer exits use the same), with progress on
+    stderr: reading the samples and the quantization that follows take minutes for a VGG-SNN."""
+    import time
+
+    from tmkt.export.netx import calibration_from_run
+
+    start = time.perf_counter()
+    typer.echo("reading calibration samples from the run's training set ...", err=True)
+    spikes = calibration_from_run(run)
+    typer.echo(f"{spikes.shape[1]} calibration samples ({time.perf_counter() - start:.0f} s); quantizing, writing the "
+               f"{what} and checking it against the Loihi simulator ...", err=True)
+    return spikes
+
+
 def _export_to(target: str, run, graph, dest: Path, verify: bool, run_dir: Path, mode: str,
                timesteps: Optional[int], opset: Optional[int], nir_flavor: str = "default", int8: bool = False):
     """Call the one export function of `target`; returns its ExportReport."""
     if target == "onnx" and int8:
-        from tmkt.export.netx import calibration_from_run
         from tmkt.export.onnx_int8 import export_onnx_int8
 
         # the netx export's calibration: both files carry the same integers
         return export_onnx_int8(graph, dest, verify=verify, mode=mode, timesteps=timesteps,
-                                calibration=calibration_from_run(run), source_run=run_dir)
+                                calibration=_calibration(run, "int8 model"), source_run=run_dir)
     if target == "onnx":
         from tmkt.export.onnx import DEFAULT_OPSET, export_onnx
 
         return export_onnx(graph, dest, verify=verify, mode=mode, timesteps=timesteps, opset=opset or DEFAULT_OPSET)
     if target == "lava":
-        from tmkt.export.netx import calibration_from_run, export_netx
+        from tmkt.export.netx import export_netx
         from tmkt.runtime.lava import lava_check
 
         return export_netx(graph, dest, verify=verify, source_run=run_dir, lava_check=lava_check() if verify else None,
-                           calibration=calibration_from_run(run))
+                           calibration=_calibration(run, "netx file"))
     from tmkt.export.nir import export_nir
 
     return export_nir(graph, dest, verify=verify, flavor=nir_flavor)
