@@ -320,6 +320,8 @@ def _check_config(cfg: dict[str, Any], where: Path) -> None:
 def read_config(run_dir: str | Path) -> dict[str, Any]:
     """Read and check `config.json` of a run directory."""
     path = Path(run_dir) / CONFIG_NAME
+    if not Path(run_dir).exists():
+        raise CheckpointError(f"{run_dir}: no such file or folder")
     if not Path(run_dir).is_dir():
         raise CheckpointError(f"{run_dir}: not a run directory (expected a folder with {CONFIG_NAME} and {WEIGHTS_NAME})")
     if not path.exists():

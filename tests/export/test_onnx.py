@@ -187,7 +187,7 @@ def test_cli_export_errors(tmp_path, run):
     res = CliRunner().invoke(app, ["export", str(run.path), "--target", "tflite"])
     assert res.exit_code != 0 and "--target" in res.output
     res = CliRunner().invoke(app, ["export", str(tmp_path / "missing"), "--target", "onnx"])
-    assert res.exit_code == 1 and "not a run directory" in res.output
+    assert res.exit_code == 1 and "missing: no such file or folder" in res.output
     res = CliRunner().invoke(app, ["export", str(run.path), "--mode", "sideways"])
     assert res.exit_code != 0 and "--mode" in res.output
     res = CliRunner().invoke(app, ["export", str(run.path), "--opset", "9"])

@@ -338,7 +338,7 @@ def test_cli_errors_are_messages(tmp_path, small_net):
     from tmkt.cli import app
 
     res = CliRunner().invoke(app, ["profile", str(tmp_path / "nope"), "--frames", "x.npy"])
-    assert res.exit_code != 0 and "not a run directory" in res.output and "Traceback" not in res.output
+    assert res.exit_code != 0 and "no such file or folder" in res.output and "Traceback" not in res.output
     run = _save_run(tmp_path, small_net)
     bad = tmp_path / "bad.toml"
     bad.write_text('name = "b"\ndescription = "d"\nevent_driven = true\ne_synop_pj = "lots"\n'

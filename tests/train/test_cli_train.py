@@ -73,7 +73,7 @@ def test_bad_inputs_fail_cleanly(tmp_path):
     assert res.exit_code == 1 and "epoch" in res.output and "Traceback" not in res.output
 
     res = runner.invoke(app, ["eval", str(tmp_path / "nowhere")])
-    assert res.exit_code == 1 and "not a run directory" in res.output
+    assert res.exit_code == 1 and "nowhere: no such file or folder" in res.output
 
     res = runner.invoke(app, ["train", "--resume", str(tmp_path)])
     assert res.exit_code == 1 and "resume.safetensors" in res.output
