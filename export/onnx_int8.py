@@ -369,16 +369,18 @@ def _decay(g: _Graph, v: str, v_decay: int) -> str | None:
     return g.op("Cast", [wide], "decay", to=6)  # INT32
 
 
-def _lif_step(g: _Graph, c: str, v: str | None, group: IntGroup, floor: bool) -> tuple[str, str]:
+def _lif_step(g: _Graph, c: str, v: str | None, group: IntGroup, floor: bool, out: str | None = None,
+              last: bool = False) -> tuple[str, str | None]:
     """One CUBA step on the scaled current `c` = 64 * (a + bias) from membrane `v` (None: at rest);
-    returns (spikes bool, new membrane)."""
+    returns (spikes bool, new membrane named `out`; None for the `last` step of the unrolled
+    model, whose membrane nothing reads)."""
     n = group.q.neuron
     d = None if v is None else _decay(g, v, n.v_decay)
     h = c if d is None else g.op("Add", [d, c], "v")
     if floor:
         h = g.op("Max", [h, g.const(np.int32(V_MIN))], "v")
     s = g.op("Greater", [h, g.const(np.int32(n.v_th_mant << 6))], "s")
-    return s, g.op("Where", [s, g.const(np.int32(0)), h], "v")
+    return s, None if last else g.op("Where", [s, g.const(np.int32(0)), h], "v", out=out)
 
 
 def _group_current(g: _Graph, spikes: dict[str, tuple[str, tuple[int, ...], int]], group: IntGroup,
@@ -440,8 +442,8 @@ def _build_unrolled(plan: list[IntGroup], input_shape: tuple[int, ...], t: int, 
         cur = g.op("Reshape", [cur, g.const(_i64(t, -1))], "c_t")
         steps = g.op("Split", [cur, g.const(np.ones(t, np.int64))], "c_step", n_out=t, axis=0) if t > 1 else [cur]
         v, fired, floor = None, [], needs_floor(group)
-        for ct in steps:
-            s, v = _lif_step(g, ct, v, group, floor)
+        for step, ct in enumerate(steps):
+            s, v = _lif_step(g, ct, v, group, floor, last=step == t - 1)
             fired.append(s)
         s_all = fired[0] if t == 1 else g.op("Concat", fired, "s_all", axis=0)
         value = values.get(group.name, 1)
@@ -493,8 +495,7 @@ def _build_stream(plan: list[IntGroup], input_shape: tuple[int, ...], debug: boo
         cur, out_shape = _group_current(g, spikes, group, 64)
         cur = g.op("Reshape", [cur, g.const(_i64(-1, *out_shape))], "c")
         inputs.append(_value(st["input"], TP.INT32, ["batch", *st["shape"]]))
-        s, v = _lif_step(g, cur, st["input"], group, needs_floor(group))
-        g.op("Identity", [v], out=st["output"])
+        s, _ = _lif_step(g, cur, st["input"], group, needs_floor(group), out=st["output"])
         outputs.append(_value(st["output"], TP.INT32, ["batch", *st["shape"]]))
         value = values.get(group.name, 1)
         spikes[group.name] = (_uint8_spikes(g, s, value, "spikes"), _chw(out_shape), value)

@@ -156,8 +156,8 @@ def test_verification_catches_a_builder_that_changes_spikes(small, tmp_path, mon
     _, graph, calibration = small
     import tmkt.export.onnx_int8 as mod
 
-    def low_threshold(g, c, v, group, floor):
-        return original(g, c, v, shifted_threshold(group, -1), floor)
+    def low_threshold(g, c, v, group, floor, **kw):
+        return original(g, c, v, shifted_threshold(group, -1), floor, **kw)
 
     original = mod._lif_step
     monkeypatch.setattr(mod, "_lif_step", low_threshold)
