@@ -500,7 +500,7 @@ def export_netx(
             lava = lava_check(tmp, spikes.transpose(1, 0, 2, 3, 4))
             net.meta["check"]["lava"] = {k: lava[k] for k in ("layers", "spikes", "samples")} | {"identical": True}
             fill(tmp, netx_image(net))  # the same file with the lava-dl check in meta/json
-            checks["lava-dl vs simulator"] = "identical"
+            checks["lava-dl vs simulator"] = f"identical ({lava['samples']} of {spikes.shape[1]} check samples)"
             figures["lava"] = dict(lava)
         else:
             checks["lava-dl vs simulator"] = "skipped"

@@ -283,7 +283,7 @@ def test_lava_dl_equals_simulator_on_exported_model(tmp_path):
     run = make_run(tmp_path, size=(16, 16), width=0.5, timesteps=4)
     report = export_netx(G.lower_run(load_run(run)), tmp_path / "small.net", lava_check=lava_check())  # builds the lava env if absent
     path = report.path
-    assert report.checks["lava-dl vs simulator"] == "identical" and report.checks["netx read-back"] == "identical"
+    assert report.checks["lava-dl vs simulator"] == "identical (4 of 4 check samples)" and report.checks["netx read-back"] == "identical"
     spikes = (np.random.default_rng(8).random((2, 4, 2, 16, 16)) < 0.3).astype(np.uint8)  # [N, T, C, H, W]
     report = verify_with_lava(path, spikes)
     assert report["layers"] == 5 and report["spikes"] > 50
@@ -303,3 +303,37 @@ def test_lava_dl_equals_simulator_on_conv_geometry(tmp_path):
     bad.layers[0].weight = bad.layers[0].weight[:, :, ::-1, ::-1].copy()
     good = simulate(read_netx(path), spikes.transpose(1, 0, 2, 3, 4))
     assert not np.array_equal(simulate(bad, spikes.transpose(1, 0, 2, 3, 4)).spikes[1], good.spikes[1])
+
+
+def test_lava_check_runs_as_many_samples_as_fit_its_budget(tmp_path, monkeypatch):
+    """lava-dl takes ~13 s per step for a VGG-SNN at 48x48: the export's check runs 1 sample of it
+    (spread over the check samples: the first, a real one, kept), all 8 of a small model, and
+    gives lava a timeout from the estimate."""
+    from types import SimpleNamespace
+
+    import tmkt.runtime.lava as lava_mod
+
+    def layers(*shapes):
+        return [SimpleNamespace(out_shape=s) for s in shapes]
+
+    vgg = SimpleNamespace(input_shape=(2, 48, 48), layers=layers(
+        (32, 48, 48), (64, 48, 48), (128, 24, 24), (128, 24, 24), (256, 12, 12), (256, 12, 12), (256, 6, 6),
+        (256, 6, 6), (10,)))
+    small = SimpleNamespace(input_shape=(2, 32, 32), layers=layers((16, 32, 32), (32, 16, 16), (64, 8, 8), (10,)))
+    assert lava_mod.lava_samples(vgg, 8, 10) == 1 and 200 < lava_mod.lava_estimate(vgg, 1, 10) < 300
+    assert lava_mod.lava_samples(small, 8, 8) == 8
+
+    run = make_run(tmp_path, size=(16, 16), width=0.5, timesteps=4)
+    path = export_netx(G.lower_run(load_run(run)), tmp_path / "m.net").path
+    seen = {}
+
+    def fake_lava(p, spikes, lava_env=None, timeout=600.0):
+        seen.update(samples=spikes.shape[0], first=spikes[0].copy(), timeout=timeout)
+        raise lava_mod.LavaError("stop here")
+
+    monkeypatch.setattr(lava_mod, "run_in_lava", fake_lava)
+    spikes = (np.random.default_rng(8).random((8, 4, 2, 16, 16)) < 0.3).astype(np.uint8)
+    monkeypatch.setattr(lava_mod, "LAVA_S_PER_NEURON_STEP", 1.0)  # pretend lava is very slow: 1 sample fits
+    with pytest.raises(lava_mod.LavaError, match="stop here"):
+        verify_with_lava(path, spikes, budget_s=lava_mod.lava_estimate(read_netx(path), 1, 4))
+    assert seen["samples"] == 1 and np.array_equal(seen["first"], spikes[0]) and seen["timeout"] > 600
