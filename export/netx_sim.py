@@ -228,7 +228,22 @@ def simulate(net: QuantizedNet, spikes: np.ndarray, keep_spikes: bool = True) ->
             readout_current = (a + bias).sum(axis=0)
     if readout_v is None or readout_current is None:
         raise ValueError("the network has no readout layer")
-    n = net.layers[-1].neuron
-    in_range = (np.abs(readout_v).max(axis=0).max(axis=1) < UV_MAX - 1) & ~out[-1].any(axis=(0, 2)).astype(bool)
-    in_range &= (n.v_decay == 0)
+    in_range = _readout_in_range(readout_v, out[-1], net.layers[-1].neuron.v_decay)
     return SimResult(out if keep_spikes else [], readout_v, readout_current, in_range)
+
+
+def _readout_in_range(v: np.ndarray, spikes: np.ndarray, v_decay: int) -> np.ndarray:
+    """`[B]` True where the readout membrane `v` `[T, B, K]` never saturated, never spiked and
+    never decayed: where reading it on Loihi gives the exact integer logit sum."""
+    return (np.abs(v).max(axis=0).max(axis=1) < UV_MAX - 1) & ~spikes.any(axis=(0, 2)).astype(bool) & (v_decay == 0)
+
+
+def readout_in_range(readout: QLayer, inputs: np.ndarray) -> np.ndarray:
+    """`SimResult.readout_in_range` of the readout alone, from its input spikes `inputs` `[T, B, I]`
+    (`hidden_spikes`): what the quantizer checks on its calibration without simulating the whole
+    network a second time."""
+    t, b = inputs.shape[:2]
+    a = layer_current(readout, inputs.reshape(t * b, -1)).reshape(t, b, *readout.out_shape)
+    n = readout.neuron
+    s, v = run_cuba(a, readout.bias.astype(np.int64), n.i_decay, n.v_decay, n.v_th_mant)
+    return _readout_in_range(v, s, n.v_decay)

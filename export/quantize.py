@@ -465,9 +465,11 @@ def quantize_graph(g: DeployGraph, calibration: np.ndarray | None = None) -> Qua
     inputs = None
     if calibration is not None:
         # netx_sim imports this module; the hidden layers' spikes are the readout's input
-        from tmkt.export.netx_sim import hidden_spikes
+        from tmkt.export.netx_sim import hidden_spikes, readout_in_range
 
         inputs = hidden_spikes(hidden, np.asarray(calibration))
         timesteps = max(timesteps, inputs.shape[0])
     readout, figures = quantize_readout(folded[-1], timesteps, inputs)
+    if inputs is not None:  # the chip's readout on the calibration, from the spikes already simulated
+        figures["calibration_out_of_range"] = int((~readout_in_range(readout, inputs)).sum())
     return QuantizedNet(tuple(g.input_shape), [*hidden, readout], {**g.meta, "readout_range": figures})  # type: ignore[arg-type]

@@ -337,3 +337,23 @@ def test_lava_check_runs_as_many_samples_as_fit_its_budget(tmp_path, monkeypatch
     with pytest.raises(lava_mod.LavaError, match="stop here"):
         verify_with_lava(path, spikes, budget_s=lava_mod.lava_estimate(read_netx(path), 1, 4))
     assert seen["samples"] == 1 and np.array_equal(seen["first"], spikes[0]) and seen["timeout"] > 600
+
+
+def test_calibration_readout_range_is_the_full_simulation_s(tmp_path, monkeypatch):
+    """The export's readout-in-range check on the calibration uses the hidden spikes the quantizer
+    already simulated: the same verdict as simulating the whole network again; a sample out of
+    range refuses the file."""
+    import tmkt.export.netx_sim as sim_mod
+    from tmkt.export.netx import LavaExportError
+
+    graph = G.lower_run(load_run(make_run(tmp_path, size=(16, 16), width=0.5, timesteps=4)))
+    calibration = (np.random.default_rng(2).random((4, 24, *graph.input_shape)) < 0.4).astype(np.uint8)
+    net = quantize_graph(graph, calibration)
+    full = simulate(net, calibration).readout_in_range
+    assert net.meta["readout_range"]["calibration_out_of_range"] == int((~full).sum()) == 0
+    report = export_netx(graph, tmp_path / "m.net", calibration=calibration)
+    assert report.figures["calibration_readout_in_range"] == 1.0
+    monkeypatch.setattr(sim_mod, "readout_in_range", lambda q, x: np.arange(x.shape[1]) != 3)  # one sample out
+    with pytest.raises(LavaExportError, match="1 of 24 calibration samples leave the 24-bit range"):
+        export_netx(graph, tmp_path / "bad.net", calibration=calibration)
+    assert not (tmp_path / "bad.net").exists()
