@@ -414,6 +414,14 @@ def _input_spikes(g: _Graph, frames: str, shape: tuple[int, int, int], value: in
     return g.op("Transpose", [s], "in_nhwc", perm=[0, 2, 3, 1])
 
 
+def _input_map(g: _Graph, frames: str, plan: list[IntGroup], input_shape: tuple[int, ...]):
+    """Both builders' start: ({input node: (its uint8 NHWC spikes, (C, H, W), spike value)},
+    `spike_values(plan)`)."""
+    values = spike_values(plan)
+    src = plan[0].layers[0].source
+    return {src: (_input_spikes(g, frames, input_shape, values[src]), tuple(input_shape), values[src])}, values
+
+
 def _value(name: str, elem: int, shape: list[Any]) -> Any:
     from onnx import helper
 
@@ -432,9 +440,7 @@ def _build_unrolled(plan: list[IntGroup], input_shape: tuple[int, ...], t: int, 
     c, h, w = input_shape
     k = plan[-1].q.weight.shape[0]
     frames = g.op("Reshape", ["events", g.const(_i64(-1, c, h, w))], "frames")
-    values = spike_values(plan)
-    src = plan[0].layers[0].source
-    spikes = {src: (_input_spikes(g, frames, input_shape, values[src]), tuple(input_shape), values[src])}
+    spikes, values = _input_map(g, frames, plan, input_shape)
     outputs = [_value("logits", TP.FLOAT, ["batch", k]), _value("step_logits", TP.FLOAT, [t, "batch", k])]
     debug_outs = []
     for group in plan[:-1]:
@@ -485,9 +491,7 @@ def _build_stream(plan: list[IntGroup], input_shape: tuple[int, ...], debug: boo
     g = _Graph()
     c, h, w = input_shape
     k = plan[-1].q.weight.shape[0]
-    values = spike_values(plan)
-    src = plan[0].layers[0].source
-    spikes = {src: (_input_spikes(g, "frame", input_shape, values[src]), tuple(input_shape), values[src])}
+    spikes, values = _input_map(g, "frame", plan, input_shape)
     inputs = [_value("frame", TP.FLOAT, ["batch", c, h, w])]
     outputs = [_value("logits", TP.FLOAT, ["batch", k])]
     debug_outs = []

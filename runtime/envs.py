@@ -55,9 +55,10 @@ def _kill_group(proc: subprocess.Popen) -> None:
 
 
 def run_npz(python: Path, script: Path, args: list[str], inputs: dict[str, np.ndarray], *, timeout: float,
-            error: type[Exception], what: str) -> tuple[dict[str, np.ndarray], float]:
+            error: type[Exception], what: str, timeout_hint: str = "") -> tuple[dict[str, np.ndarray], float]:
     """Run ``python script *args in.npz out.npz`` with `inputs` in ``in.npz``; returns the arrays of
-    ``out.npz`` and the subprocess's wall time. A non-zero exit raises `error` with the stderr tail."""
+    ``out.npz`` and the subprocess's wall time. A non-zero exit raises `error` with the stderr tail;
+    a run past `timeout` is killed with its process group and raises `error` (+ `timeout_hint`)."""
     with tempfile.TemporaryDirectory(prefix="tmkt-env-") as tmp:
         inp, outp = Path(tmp) / "in.npz", Path(tmp) / "out.npz"
         np.savez(inp, **inputs)
@@ -70,7 +71,7 @@ def run_npz(python: Path, script: Path, args: list[str], inputs: dict[str, np.nd
         except subprocess.TimeoutExpired:
             _kill_group(proc)
             raise error(f"{what} did not finish within {timeout:.0f} s and was stopped (with every process it "
-                        "started)") from None
+                        f"started){timeout_hint}") from None
         except BaseException:  # Ctrl-C: leave nothing running
             _kill_group(proc)
             raise

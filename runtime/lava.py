@@ -46,8 +46,10 @@ def run_in_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Path | 
     py = lava_python(lava_env)
     runner = checkout_script("lava_run.py", LavaError, "lava verification")
     n, t = spikes.shape[:2]
+    hint = (f": lava-dl runs every layer as its own process on the CPU, too slow here for {n} sample(s) of this "
+            "network; use fewer samples, or skip the lava-dl check (tmkt export --no-verify)")
     out, seconds = run_npz(py, runner, [str(path)], {"spikes": np.asarray(spikes, np.int32), "reset_interval": np.int64(t)},
-                           timeout=timeout, error=LavaError, what="lava-dl run")
+                           timeout=timeout, error=LavaError, what="lava-dl run", timeout_hint=hint)
     n_layers = int(out["num_layers"])
     timelines = [out[f"layer{k}"] for k in range(n_layers)]
     v_trace = out["readout_v"]
@@ -93,14 +95,7 @@ def verify_with_lava(path: str | Path, spikes: np.ndarray, *, lava_env: str | Pa
         spikes = spikes[np.linspace(0, n - 1, keep).round().astype(int)] if keep < n else spikes
     timeout = max(600.0, 3 * lava_estimate(net, spikes.shape[0], t))
     sim = simulate(net, spikes.transpose(1, 0, 2, 3, 4))
-    try:
-        lava = run_in_lava(path, spikes, lava_env=lava_env, timeout=timeout)
-    except LavaError as e:
-        if "did not finish" not in str(e):
-            raise
-        raise LavaError(f"{e}: lava-dl runs every layer as its own process on the CPU, slower than expected here "
-                        f"for {spikes.shape[0]} sample(s) of this network; export with --no-verify to skip the "
-                        "lava-dl check") from None
+    lava = run_in_lava(path, spikes, lava_env=lava_env, timeout=timeout)
     names = ["input"] + [q.name for q in net.layers]
     if len(lava["spikes"]) != len(sim.spikes):
         raise LavaError(f"lava built {len(lava['spikes'])} layers, the simulator {len(sim.spikes)}")

@@ -36,8 +36,9 @@ def test_timeout_stops_the_run_and_its_children(tmp_path):
     script, pid_file = tmp_path / "hang.py", tmp_path / "child.pid"
     script.write_text(SCRIPT)
     start = time.perf_counter()
-    with pytest.raises(SideError, match="did not finish within 3 s and was stopped"):
-        run_npz(sys.executable, script, [str(pid_file)], {"x": np.zeros(1)}, timeout=3, error=SideError, what="hang run")
+    with pytest.raises(SideError, match="did not finish within 3 s and was stopped .*; use fewer samples"):
+        run_npz(sys.executable, script, [str(pid_file)], {"x": np.zeros(1)}, timeout=3, error=SideError, what="hang run",
+                timeout_hint="; use fewer samples")
     assert time.perf_counter() - start < 30
     child = int(pid_file.read_text())
     deadline = time.time() + 5
